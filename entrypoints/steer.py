@@ -1,0 +1,56 @@
+"""Run one steering condition: ``mlflow run . -e steer -P layer=15 -P alpha=0.25``.
+
+Input: the condition's params on the command line (model and settings as in
+``sweeps/smoke.yaml``). Output: the run ``mlflow run`` created holds a baseline child and
+the condition's child (with its matched random control), as a one-point sweep would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmlab.errors import LmlabError, exit_cleanly_on_user_error
+
+
+def _integer(value: str) -> int:
+    number = float(value)
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value}")
+    return int(number)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=_integer, required=True)
+    parser.add_argument("--alpha", type=float, required=True)
+    parser.add_argument("--method", default="suffix_contrast")
+    parser.add_argument("--intervention", default="add")
+    parser.add_argument("--scope", default="layer")
+    parser.add_argument("--n-prompts", type=_integer, default=20)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--experiment-name", default=None)
+    return parser.parse_args(argv)
+
+
+@exit_cleanly_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from lmlab.sweeps.runner import mark_run_failed, run_sweep, ui_hint
+    from lmlab.sweeps.spec import parse_spec
+
+    raw = {"family": "steering", "name": f"steer-{args.method}-L{args.layer}-a{args.alpha:g}",
+           "model": {"name": args.model},
+           "grid": {"method": [args.method], "layer": [args.layer], "alpha": [args.alpha],
+                    "intervention": [args.intervention], "scope": [args.scope]},
+           "steering": {"n_prompts": args.n_prompts}}
+    try:
+        outcome = run_sweep(parse_spec(raw, origin="steer"), experiment_name=args.experiment_name)
+    except LmlabError as error:
+        mark_run_failed(str(error))
+        raise
+    print(ui_hint(outcome))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

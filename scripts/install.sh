@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install lmlab into ./.venv (Python 3.11+, no conda needed).
+# TORCH_SPEC picks the torch build: the default pin resolves to a local CPU wheel on
+# lmlab's CI machines; on a GPU machine set e.g. TORCH_SPEC="torch>=2.4" for a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev,api,quant]"
+echo "lmlab installed in .venv (activate with: . .venv/bin/activate)"

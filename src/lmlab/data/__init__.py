@@ -1,0 +1,1 @@
+"""Datasets: bundled files and loaders for the formats users already have."""

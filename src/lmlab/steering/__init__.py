@@ -1,0 +1,1 @@
+"""Activation steering: directions, interventions, refusal evaluation, the sweep family."""

@@ -1,0 +1,1 @@
+"""Sweeps: a YAML spec, an Optuna study and one MLflow child run per condition."""

@@ -1,0 +1,135 @@
+"""The contract between the sweep runner and an experiment family.
+
+A family turns a validated spec into conditions (plain param dicts), runs one condition
+into a :class:`ConditionResult`, and summarises all rows on the parent run. The runner
+owns everything else: the study, child runs, resume, locks, failures.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping
+
+import pandas as pd
+
+from lmlab.cache import DiskCache
+from lmlab.models import LoadedModel, load_model
+from lmlab.sweeps.spec import SweepSpec
+from lmlab.tracking import Tracker
+
+Direction = Literal["maximize", "minimize"]
+
+
+@dataclass
+class ConditionResult:
+    """What one condition produced; the runner logs it on the condition's child run."""
+
+    metrics: dict[str, float]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # artifact dir -> local file
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SweepContext:
+    """Shared, lazily built resources for one sweep process."""
+
+    spec: SweepSpec
+    tracker: Tracker
+    cache: DiskCache
+    store_dir: Path
+    run_id: str | None = None  # the child run of the condition being computed
+
+    @cached_property
+    def model(self) -> LoadedModel:
+        return load_model(self.spec.model)
+
+
+class Family(ABC):
+    """Base class for an experiment family; subclasses register themselves by ``name``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def conditions(self) -> list[dict[str, Any]]:
+        """Grid conditions to run, controls and baselines first."""
+
+    def objectives(self) -> list[tuple[str, Direction]]:
+        """Metric names and directions that Optuna records for each condition."""
+        return []
+
+    def search_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Turn one Optuna proposal into a full condition (adaptive sweeps)."""
+        return dict(params)
+
+    def final_conditions(self, chosen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Conditions to run after a search, on the chosen configs (e.g. held-out test)."""
+        return []
+
+    def validate_condition(self, params: Mapping[str, Any]) -> None:
+        """Raise LmlabError for a condition that cannot run (checked before any work)."""
+
+    def settings_identity(self) -> Any:
+        """Settings that change results; part of every condition key."""
+        return dict(self.spec.settings)
+
+    work_unit_name: ClassVar[str] = "work units"
+
+    def work_units(self, params: Mapping[str, Any]) -> int:
+        """Size of one condition in the family's own unit (completions, tokens...)."""
+        return 0
+
+    def run_name(self, params: Mapping[str, Any]) -> str:
+        return ",".join(f"{k}={v}" for k, v in params.items())
+
+    def estimate_seconds(self, params: Mapping[str, Any]) -> float:
+        return 0.0
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return self.run_name(params)
+
+    def prepare(self, ctx: SweepContext) -> None:
+        """Model-dependent checks and shared work before the first condition."""
+
+    @abstractmethod
+    def run_condition(self, ctx: SweepContext, params: Mapping[str, Any]) -> ConditionResult:
+        """Compute one condition."""
+
+    def summarize(self, ctx: SweepContext, summary: pd.DataFrame) -> ConditionResult:
+        """Parent-run artifacts built from every condition's metrics."""
+        return ConditionResult(metrics={})
+
+
+FAMILIES: dict[str, type[Family]] = {}
+
+
+def register(family: type[Family]) -> type[Family]:
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_for(spec: SweepSpec) -> Family:
+    _import_families()
+    if spec.family not in FAMILIES:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError(f"unknown family {spec.family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[spec.family](spec)
+
+
+def _import_families() -> None:
+    import importlib
+
+    for module in ("lmlab.steering.family", "lmlab.probes.family", "lmlab.context.family"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise

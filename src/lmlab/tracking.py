@@ -1,0 +1,193 @@
+"""Thin layer over MLflow: the tracking store, child runs, condition keys, dead runs.
+
+Child runs are created with an explicit parent (the active-run stack is per thread)
+in the parent's experiment, so the UI nests them. Params and metrics go in one
+``log_batch`` call each to keep tracking overhead small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+KEY_TAG = "condition_key"
+FAMILY_TAG = "lmlab.family"
+FAILURE_TAG = "lmlab.failure_reason"
+PID_TAG = "lmlab.pid"
+HOST_TAG = "lmlab.host"
+
+
+def canonical_value(value: Any) -> Any:
+    """One spelling per value so keys and params never differ by '4' vs '4.0'."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 1e15 else round(value, 10)
+    if isinstance(value, (list, tuple)):
+        return [canonical_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): canonical_value(v) for k, v in sorted(value.items())}
+    return str(value)
+
+
+def condition_key(params: Mapping[str, Any]) -> str:
+    """Hash of a condition's canonical params: its identity across runs and sweeps."""
+    payload = json.dumps(canonical_value(dict(params)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def param_strings(params: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for name, value in params.items():
+        value = canonical_value(value)
+        out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def store_dir() -> Path:
+    """Directory beside the tracking store for the Optuna journal, caches and locks."""
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        base = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+    elif parsed.scheme in ("", "file"):
+        base = Path(parsed.path or uri).expanduser().resolve().parent
+    else:
+        base = Path.cwd()
+    return Path(os.environ.get("LMLAB_STORE_DIR", base / ".lmlab"))
+
+
+def ensure_store() -> MlflowClient:
+    """Create the tracking schema once, in this process, before anything fans out."""
+    client = MlflowClient()
+    client.search_experiments(max_results=1)
+    return client
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_tags() -> dict[str, str]:
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def owner_is_dead(tags: Mapping[str, str]) -> bool:
+    """True when the run's process was on this host and no longer exists."""
+    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+        return False
+    return not _process_alive(int(tags[PID_TAG]))
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark RUNNING runs whose process died as FAILED; return their ids."""
+    closed = []
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                              max_results=5000)
+    for run in runs:
+        if owner_is_dead(run.data.tags):
+            client.set_tag(run.info.run_id, FAILURE_TAG, "process died before the run ended")
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def finished_condition(client: MlflowClient, experiment_id: str, key: str):  # -> Run | None
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{KEY_TAG} = '{key}' and attributes.status = 'FINISHED'",
+        max_results=1, order_by=["attributes.end_time DESC"],
+    )
+    return runs[0] if runs else None
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+class Tracker:
+    """Logging for one sweep: the parent run and its children, all through one client."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.seconds = 0.0  # time spent inside tracking calls, for the overhead benchmark
+
+    def _timed(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def start_child(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        all_tags = {PARENT_TAG: self.parent_run_id, **owner_tags(), **tags}
+        run = self._timed(self.client.create_run, self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, v) for k, v in param_strings(params).items()]
+        for start in range(0, len(items), 100):
+            self._timed(self.client.log_batch, run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
+        for start in range(0, len(items), 1000):
+            self._timed(self.client.log_batch, run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if items:
+            self._timed(self.client.log_batch, run_id, tags=items)
+
+    def log_table(self, run_id: str, frame: Any, name: str) -> None:
+        """A table as CSV (for pandas users) and as an MLflow table (for the UI)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.csv"
+            frame.to_csv(path, index=False)
+            self._timed(self.client.log_artifact, run_id, str(path))
+        self._timed(self.client.log_table, run_id, data=frame, artifact_file=f"tables/{name}.json")
+
+    def log_figure(self, run_id: str, figure: Any, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self._timed(self.client.log_figure, run_id, figure, f"plots/{name}.png")
+        plt.close(figure)
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self._timed(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self._timed(self.client.log_text, run_id, text, name)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self._timed(self.client.set_terminated, run_id, status)
+
+    def fail(self, run_id: str, reason: str, status: str = "FAILED") -> None:
+        self.client.set_tag(run_id, FAILURE_TAG, reason[:4000])
+        self.client.set_terminated(run_id, status)

@@ -1,0 +1,240 @@
+"""The sweep runner: parent/children layout, resume, reuse, failures, shared studies.
+
+All tests run the steering family on a tiny random model with a few prompts, so they
+check bookkeeping, not steering quality.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lmlab.errors import LmlabError
+from lmlab.steering.family import SteeringFamily
+from lmlab.sweeps.runner import run_sweep
+from lmlab.sweeps.spec import parse_spec
+from lmlab.tracking import FAILURE_TAG, KEY_TAG, PARENT_TAG, condition_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SPEC = {
+    "family": "steering",
+    "name": "tiny",
+    "model": {"name": "tiny:llama"},
+    "grid": {"method": ["suffix_contrast"], "layer": [1], "alpha": [0.5, 1.0], "intervention": ["add"]},
+    "steering": {"n_prompts": 3, "n_train": 4, "eval_splits": ["harm_test", "benign"],
+                 "generation": {"max_new_tokens": 4, "batch_size": 4}, "kl_tokens": 2},
+}
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return tmp_path
+
+
+def spec_with(**changes):  # type: ignore[no-untyped-def]
+    raw = {**TINY_SPEC, **changes}
+    return parse_spec(raw)
+
+
+def children(outcome) -> list:  # type: ignore[no-untyped-def]
+    client = MlflowClient()
+    return client.search_runs([outcome.experiment_id],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+
+
+def count_condition_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    calls: list = []
+    original = SteeringFamily.run_condition
+
+    def counting(self, ctx, params):  # type: ignore[no-untyped-def]
+        calls.append(dict(params))
+        return original(self, ctx, params)
+
+    monkeypatch.setattr(SteeringFamily, "run_condition", counting)
+    return calls
+
+
+def test_sweep_has_one_parent_with_a_child_per_condition_and_a_summary(store: Path) -> None:
+    outcome = run_sweep(spec_with())
+    runs = children(outcome)
+    # baseline + 2 alphas x (suffix_contrast + matched random control)
+    assert len(runs) == 5
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.info.experiment_id == outcome.experiment_id for r in runs)
+    assert len({r.data.tags[KEY_TAG] for r in runs}) == 5
+    artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.parent_run_id)}
+    assert "summary.csv" in artifacts
+    plots = {a.path for a in MlflowClient().list_artifacts(outcome.parent_run_id, "plots")}
+    assert {"plots/refusal_vs_alpha.png", "plots/tradeoff.png", "plots/layer_alpha_heatmap.png"} <= plots
+    summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id,
+                                                              artifact_path="summary.csv"))
+    assert (summary["intervention"] == "none").sum() == 1, "baseline row must be in summary.csv"
+    assert {"harm_test/refusal", "harm_test/refusal_lo", "harm_test/refusal_hi",
+            "harm_test/refusal_diff", "benign/cost", "benign/kl"} <= set(summary.columns)
+
+
+def test_child_runs_log_params_completions_and_direction(store: Path) -> None:
+    outcome = run_sweep(spec_with())
+    steered = [r for r in children(outcome) if r.data.params["intervention"] == "add"][0]
+    assert steered.data.params["layer"] == "1"
+    files = {a.path for a in MlflowClient().list_artifacts(steered.info.run_id)}
+    assert "completions.csv" in files and "direction" in files
+    assert "direction/relative_norm" in steered.data.metrics
+
+
+def test_rerunning_a_spec_reuses_every_finished_condition(store: Path, monkeypatch) -> None:
+    run_sweep(spec_with())
+    calls = count_condition_calls(monkeypatch)
+    second = run_sweep(spec_with())
+    assert calls == []
+    assert children(second) == []
+    assert second.summary["reused"].all() and len(second.summary) == 5
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_conditions(store: Path, monkeypatch) -> None:
+    original = SteeringFamily.run_condition
+    seen: list = []
+
+    def dies_on_third(self, ctx, params):  # type: ignore[no-untyped-def]
+        seen.append(params)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return original(self, ctx, params)
+
+    monkeypatch.setattr(SteeringFamily, "run_condition", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec_with())
+    client = MlflowClient()
+    statuses = sorted(r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name("steering").experiment_id]))
+    assert statuses.count("KILLED") == 2  # the interrupted child and its parent
+    assert "RUNNING" not in statuses
+
+    calls = count_condition_calls(monkeypatch)
+    resumed = run_sweep(spec_with())
+    assert len(calls) == 3  # the interrupted condition and the two never started
+    assert len(resumed.summary) == 5
+
+
+def test_runs_left_running_by_a_dead_process_are_closed_as_failed(store: Path) -> None:
+    client = MlflowClient()
+    experiment_id = client.create_experiment("steering")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    orphan = client.create_run(experiment_id, tags={"lmlab.pid": dead, "lmlab.host": socket.gethostname()})
+    run_sweep(spec_with())
+    closed = client.get_run(orphan.info.run_id)
+    assert closed.info.status == "FAILED"
+    assert "died" in closed.data.tags[FAILURE_TAG]
+
+
+def test_a_layer_outside_the_model_fails_the_parent_with_a_reason(store: Path) -> None:
+    spec = spec_with(grid={**TINY_SPEC["grid"], "layer": [7]})
+    with pytest.raises(LmlabError, match="layer 7 is outside the model"):
+        run_sweep(spec)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("steering").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "outside the model" in runs[0].data.tags[FAILURE_TAG]
+
+
+def test_condition_key_does_not_depend_on_number_spelling() -> None:
+    assert condition_key({"layer": 4, "alpha": 1}) == condition_key({"layer": 4.0, "alpha": 1.0})
+    assert condition_key({"layer": 4}) != condition_key({"layer": 5})
+
+
+def test_adaptive_search_runs_its_trial_budget_then_tests_the_pareto_configs(store: Path, monkeypatch) -> None:
+    spec = spec_with(grid=None, search={"params": {"layer": {"int": [0, 2]}, "alpha": {"float": [0.1, 1.0]}},
+                                        "n_trials": 3, "sampler": "nsga2", "seed": 1})
+    outcome = run_sweep(spec)
+    trials = outcome.summary[outcome.summary["splits"].map(lambda s: "harm_val" in s)]
+    finals = outcome.summary[outcome.summary["splits"].map(lambda s: "harm_test" in s)]
+    assert len(trials) >= 3
+    assert len(finals) >= 2  # a baseline on harm_test and at least one chosen config
+    calls = count_condition_calls(monkeypatch)
+    run_sweep(spec)
+    assert calls == [], "a finished study must not run new trials"
+
+
+def _write_spec(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run_cli(args: list[str], store: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", **(env_extra or {})}
+    env.pop("MLFLOW_RUN_ID", None) if not env_extra or "MLFLOW_RUN_ID" not in env_extra else None
+    return subprocess.run([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=store, timeout=300)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"alpha": [-1.0], "layer": [1]}}, "alpha must be a finite number >= 0"),
+    ({"grid": {"alpha": [float("nan")], "layer": [1]}}, "finite number"),
+    ({"grid": {"alpha": [1.5], "layer": [1], "intervention": ["ablate"]}}, "must be in [0, 1]"),
+    ({"colour": "blue"}, "unknown key(s) ['colour']"),
+    ({"steering": {"n_promts": 3}}, "unknown steering setting(s)"),
+    ({"steering": {"data": {"benign": "/no/such/file.jsonl"}}}, "prompt file not found"),
+])
+def test_bad_specs_end_with_one_clear_message_and_a_failed_run(store: Path, change, message) -> None:
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("cli"))
+    spec = _write_spec(store / "bad.yaml", {**TINY_SPEC, **change})
+    result = _run_cli(["--spec", str(spec)], store, {"MLFLOW_RUN_ID": run.info.run_id})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FAILED"
+    assert message in finished.data.tags[FAILURE_TAG]
+
+
+def test_malformed_yaml_and_missing_spec_are_reported_cleanly(store: Path) -> None:
+    broken = store / "broken.yaml"
+    broken.write_text("family: steering\ngrid: [unclosed\n")
+    for args, message in ((["--spec", str(broken)], "malformed YAML"),
+                          (["--spec", str(store / "missing.yaml")], "sweep spec not found")):
+        result = _run_cli(args, store)
+        assert result.returncode == 2 and message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_empty_dataset_file_is_rejected(store: Path) -> None:
+    empty = store / "empty.jsonl"
+    empty.write_text("")
+    spec = spec_with(steering={**TINY_SPEC["steering"], "data": {"benign": str(empty)}})
+    with pytest.raises(LmlabError, match="empty"):
+        run_sweep(spec)
+
+
+def test_two_workers_share_a_study_without_repeating_a_condition(store: Path) -> None:
+    spec = _write_spec(store / "shared.yaml", TINY_SPEC)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
+    env.pop("MLFLOW_RUN_ID", None)
+    MlflowClient().search_experiments()  # create the schema before fanning out
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), "--spec", str(spec)],
+                                env=env, cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-2000:]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("steering")
+    finished = client.search_runs([experiment.experiment_id],
+                                  filter_string="attributes.status = 'FINISHED'")
+    keys = [r.data.tags[KEY_TAG] for r in finished if KEY_TAG in r.data.tags]
+    assert len(keys) == 5 and len(set(keys)) == 5
