@@ -13,7 +13,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.hooks import Edit, Positions, residual_hooks
+from lmlab.hooks import Edit, Positions, padded_positions, residual_hooks
 from lmlab.models import LoadedModel
 
 StopReason = Literal["eos", "length"]
@@ -152,7 +152,8 @@ def score_continuations(
             mask[r, width_p - len(p):width_p + len(c)] = 1
         ids, mask = ids.to(lm.device), mask.to(lm.device)
         with residual_hooks(lm, edits, positions=positions, prompt_len=width_p):
-            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=padded_positions(mask),
+                              use_cache=False).logits
         # The token in column t is predicted by the logits in column t - 1.
         log_probs = torch.log_softmax(logits[:, width_p - 1:-1].float(), dim=-1)
         for r, i in enumerate(rows):

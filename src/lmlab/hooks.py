@@ -50,7 +50,8 @@ def add_vector(vector: torch.Tensor) -> Edit:
 
 
 def ablate_direction(direction: torch.Tensor, fraction: float = 1.0) -> Edit:
-    """h <- h - fraction * (h . d) d with unit d; fraction in [0, 1] (above 1 reflects)."""
+    """h <- h - fraction * (h . d) d with unit d; fraction in [0, 1] (above 1 would reflect
+    the component instead of removing it, so it is refused)."""
     if not 0.0 <= fraction <= 1.0:
         raise LmlabError(f"ablation fraction must be in [0, 1], got {fraction}")
     unit = direction / direction.norm()
@@ -109,8 +110,13 @@ class _Offset:
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         length = (ids if ids is not None else embeds).shape[1]
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            self.value = int(cache.get_seq_length())
+            return
+        # Without a cache, generate() passes a mask covering past + current columns; it
+        # drops an all-ones mask, in which case every forward starts at column 0.
         mask = kwargs.get("attention_mask")
-        # generate() passes a mask covering past + current columns, cache or not.
         self.value = int(mask.shape[-1]) - length if mask is not None and mask.dim() == 2 else 0
 
 
@@ -166,6 +172,11 @@ def residual_hooks(
             handle.remove()
 
 
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class StopForward(Exception):
     """Raised inside a hook to end a forward pass once the deepest needed layer ran."""
 
@@ -192,8 +203,9 @@ def capture_residuals(
     with residual_hooks(lm, capture=layers, capture_dtype=dtype) as captured:
         handle = blocks[deepest].register_forward_hook(stop)
         try:
-            lm.model(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
-                     use_cache=False)
+            mask = attention_mask.to(lm.device)
+            lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask,
+                     position_ids=padded_positions(mask), use_cache=False)
         except StopForward:
             pass
         finally:

@@ -1,0 +1,192 @@
+"""Batched, steered generation and teacher-forced scoring behave like one prompt at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.generation import GenerationConfig, generate, score_continuations
+from lmlab.hooks import add_vector
+from lmlab.models import LoadedModel
+
+# Different token lengths, deliberately not sorted by length.
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "How do I bake bread?"]
+FORCED_TOKEN = 150  # an ordinary (non-special) token id of the tiny vocabulary
+
+
+def greedy(max_new_tokens: int = 6, **kwargs) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, **kwargs)
+
+
+def toward_token(lm: LoadedModel, token: int, scale: float = 1000.0) -> dict:
+    """A huge add at the last layer along ``token``'s unembedding row: that token wins argmax."""
+    row = lm.model.get_output_embeddings().weight[token].detach()
+    return {lm.n_layers - 1: add_vector(scale * row / row.norm())}
+
+
+def moderate_edit(lm: LoadedModel) -> dict:
+    vector = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    return {1: add_vector(2.0 * vector)}
+
+
+# ------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"batch_size": 0},
+                                    {"do_sample": True, "temperature": 0.0}])
+def test_invalid_generation_config_raises(kwargs: dict) -> None:
+    with pytest.raises(LmlabError):
+        GenerationConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ steering reaches every token
+
+# gemma and gpt2 tie input and output embeddings: once the forced token is fed back, the
+# unsteered model repeats it anyway, so only untied models can show a missed decode step.
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generation_steering_reaches_every_token_of_a_lone_prompt(
+        tiny_lm_of, arch: str, use_cache: bool) -> None:
+    lm = tiny_lm_of(arch)
+    [out] = generate(lm, [PROMPTS[1]], greedy(use_cache=use_cache),
+                     edits=toward_token(lm, FORCED_TOKEN), positions="generation")
+    assert out.token_ids == (FORCED_TOKEN,) * 6
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generation_steering_reaches_every_token_of_a_padded_batch(
+        any_lm: LoadedModel, use_cache: bool) -> None:
+    outs = generate(any_lm, PROMPTS, greedy(use_cache=use_cache),
+                    edits=toward_token(any_lm, FORCED_TOKEN), positions="generation")
+    assert [o.token_ids for o in outs] == [(FORCED_TOKEN,) * 6] * len(PROMPTS)
+
+
+def test_generation_steering_changes_the_first_generated_token_score(any_lm: LoadedModel) -> None:
+    prefix, continuation = PROMPTS[2], " Mix flour"
+    [plain] = score_continuations(any_lm, [prefix], [continuation])
+    [steered] = score_continuations(any_lm, [prefix], [continuation], edits=moderate_edit(any_lm),
+                                    positions="generation")
+    assert abs(float(steered.token_logprobs[0] - plain.token_logprobs[0])) > 1e-3
+
+
+def test_prompt_steering_at_the_last_layer_changes_only_the_first_generated_token_score(
+        any_lm: LoadedModel) -> None:
+    """The last prompt column predicts the first generated token; later ones are not touched."""
+    prefix, continuation = PROMPTS[2], " Mix flour, water"
+    edits = {any_lm.n_layers - 1: add_vector(torch.ones(any_lm.hidden_size))}
+    [plain] = score_continuations(any_lm, [prefix], [continuation])
+    [steered] = score_continuations(any_lm, [prefix], [continuation], edits=edits,
+                                    positions="prompt")
+    assert steered.token_logprobs[0] != plain.token_logprobs[0]
+    assert torch.equal(steered.token_logprobs[1:], plain.token_logprobs[1:])
+
+
+# ------------------------------------------------------------------ cache, padding, order
+
+def test_steered_greedy_generation_is_the_same_with_and_without_cache(any_lm: LoadedModel) -> None:
+    edits = moderate_edit(any_lm)
+    cached = generate(any_lm, PROMPTS, greedy(use_cache=True), edits=edits, positions="generation")
+    uncached = generate(any_lm, PROMPTS, greedy(use_cache=False), edits=edits,
+                        positions="generation")
+    assert [c.token_ids for c in cached] == [u.token_ids for u in uncached]
+
+
+def test_left_padding_does_not_change_unsteered_results(any_lm: LoadedModel) -> None:
+    batched = generate(any_lm, PROMPTS, greedy())
+    alone = [generate(any_lm, [p], greedy())[0] for p in PROMPTS]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_left_padding_does_not_change_steered_results(any_lm: LoadedModel, use_cache: bool) -> None:
+    edits = moderate_edit(any_lm)
+    config = greedy(use_cache=use_cache)
+    batched = generate(any_lm, PROMPTS, config, edits=edits, positions="generation")
+    alone = [generate(any_lm, [p], config, edits=edits, positions="generation")[0]
+             for p in PROMPTS]
+    assert batched == alone
+
+
+def test_results_come_back_in_the_callers_order_across_batches(llama_lm: LoadedModel) -> None:
+    alone = [generate(llama_lm, [p], greedy())[0] for p in PROMPTS]
+    outs = generate(llama_lm, PROMPTS, greedy(batch_size=2))
+    assert [o.prompt for o in outs] == PROMPTS
+    assert outs == alone
+
+
+def test_hitting_max_new_tokens_stops_with_length(llama_lm: LoadedModel) -> None:
+    [out] = generate(llama_lm, [PROMPTS[1]], greedy(max_new_tokens=4),
+                     edits=toward_token(llama_lm, FORCED_TOKEN), positions="generation")
+    assert out.stop_reason == "length"
+    assert len(out.token_ids) == 4
+
+
+def test_producing_eos_stops_with_eos_and_drops_it(any_lm: LoadedModel) -> None:
+    eos = any_lm.tokenizer.eos_token_id
+    [out] = generate(any_lm, [PROMPTS[1]], greedy(), edits=toward_token(any_lm, eos),
+                     positions="generation")
+    assert out.stop_reason == "eos"
+    assert out.token_ids == ()
+    assert out.text == ""
+
+
+def test_seeded_sampling_is_reproducible(llama_lm: LoadedModel) -> None:
+    config = greedy(max_new_tokens=8, do_sample=True, temperature=1.0, seed=7)
+    first = generate(llama_lm, PROMPTS, config)
+    second = generate(llama_lm, PROMPTS, config)
+    other = generate(llama_lm, PROMPTS, greedy(max_new_tokens=8, do_sample=True, seed=8))
+    assert first == second
+    assert [o.token_ids for o in other] != [f.token_ids for f in first]
+
+
+# ------------------------------------------------------------------ scoring
+
+@torch.no_grad()
+def manual_logprobs(lm: LoadedModel, prefix: str, continuation: str) -> torch.Tensor:
+    p = lm.tokenizer(prefix, add_special_tokens=False).input_ids
+    c = lm.tokenizer(continuation, add_special_tokens=False).input_ids
+    logits = lm.model(input_ids=torch.tensor([p + c]), use_cache=False).logits[0]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return torch.stack([log_probs[len(p) - 1 + k, tok] for k, tok in enumerate(c)])
+
+
+def test_scores_of_one_row_equal_a_manual_log_softmax(any_lm: LoadedModel) -> None:
+    prefix, continuation = PROMPTS[1], " Sure, here is how"
+    [scored] = score_continuations(any_lm, [prefix], [continuation])
+    expected = manual_logprobs(any_lm, prefix, continuation)
+    assert scored.token_logprobs.shape == expected.shape
+    torch.testing.assert_close(scored.token_logprobs, expected, rtol=0, atol=1e-5)
+
+
+def test_prefix_padding_does_not_change_scores(any_lm: LoadedModel) -> None:
+    prefixes = ["Hi", PROMPTS[1]]
+    continuations = [" there, friend", " Sure"]
+    batched = score_continuations(any_lm, prefixes, continuations)
+    for row, (prefix, continuation) in enumerate(zip(prefixes, continuations)):
+        [alone] = score_continuations(any_lm, [prefix], [continuation])
+        torch.testing.assert_close(batched[row].token_logprobs, alone.token_logprobs,
+                                   rtol=0, atol=1e-5)
+
+
+def test_token_id_continuations_score_like_their_text(llama_lm: LoadedModel) -> None:
+    ids = llama_lm.tokenizer(" Mix flour", add_special_tokens=False).input_ids
+    [as_text] = score_continuations(llama_lm, ["Bread:"], [" Mix flour"])
+    [as_ids] = score_continuations(llama_lm, ["Bread:"], [ids])
+    assert torch.equal(as_text.token_logprobs, as_ids.token_logprobs)
+
+
+def test_kept_distributions_are_normalised_and_contain_the_token_scores(
+        llama_lm: LoadedModel) -> None:
+    ids = llama_lm.tokenizer(" Mix flour", add_special_tokens=False).input_ids
+    [scored] = score_continuations(llama_lm, ["Bread:"], [ids], keep_distributions=True)
+    dist = scored.log_distributions
+    assert dist.shape == (len(ids), len(llama_lm.tokenizer))
+    torch.testing.assert_close(dist.exp().sum(-1), torch.ones(len(ids)))
+    assert torch.equal(dist[torch.arange(len(ids)), torch.tensor(ids)], scored.token_logprobs)
+
+
+def test_max_tokens_truncates_the_continuation(llama_lm: LoadedModel) -> None:
+    [full] = score_continuations(llama_lm, ["Bread:"], [" Mix flour, water and salt"])
+    [cut] = score_continuations(llama_lm, ["Bread:"], [" Mix flour, water and salt"], max_tokens=2)
+    assert len(full.token_logprobs) > 2
+    assert torch.equal(cut.token_logprobs, full.token_logprobs[:2])
