@@ -128,6 +128,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_conditions(store:
     resumed = run_sweep(spec_with())
     assert len(calls) == 3  # the interrupted condition and the two never started
     assert len(resumed.summary) == 5
+    finished = [r for r in children(resumed) if r.info.status == "FINISHED"]
+    assert len(finished) == 5, "the resumed parent adopts the interrupted sweep's finished children"
 
 
 def test_runs_left_running_by_a_dead_process_are_closed_as_failed(store: Path) -> None:

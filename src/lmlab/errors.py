@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Callable, TypeVar
 
@@ -21,6 +22,7 @@ def exit_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
         try:
             return main(*args, **kwargs)
         except LmlabError as error:
@@ -31,3 +33,9 @@ def exit_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(130)
 
     return wrapper
+
+
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    # `mlflow run` and job schedulers stop work with SIGTERM: unwind like Ctrl+C so the
+    # runs in flight are closed as KILLED and finished work stays reusable.
+    raise KeyboardInterrupt

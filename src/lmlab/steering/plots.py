@@ -15,6 +15,10 @@ SPLIT_COLOURS = {"harm_train": "tab:red", "harm_val": "tab:orange", "harm_test":
                  "benign": "tab:green"}
 
 
+def _layer_label(layer: object) -> str:
+    return f"L{int(layer)}" if isinstance(layer, (int, float)) and layer == layer else f"L{layer}"
+
+
 def _steered(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["intervention"] != "none"]
 
@@ -32,8 +36,10 @@ def refusal_vs_alpha(summary: pd.DataFrame, splits: Iterable[str]) -> plt.Figure
     groups = list(steered.groupby(["method", "intervention", "layer"], dropna=False))
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(4.2 * max(len(groups), 1), 3.6),
                              squeeze=False, sharey=True)
+    baseline = summary[summary["intervention"] == "none"].assign(alpha=0.0)
     for ax, ((method, intervention, layer), rows) in zip(axes[0], groups):
-        rows = rows.sort_values("alpha")
+        # The unsteered baseline is the curve's alpha = 0 point.
+        rows = pd.concat([baseline, rows]).sort_values("alpha")
         for split in splits:
             col = f"{split}/refusal"
             if col not in rows:
@@ -44,7 +50,7 @@ def refusal_vs_alpha(summary: pd.DataFrame, splits: Iterable[str]) -> plt.Figure
             base = _baseline_value(summary, col)
             if base is not None:
                 ax.axhline(base, color=colour, linestyle=":", linewidth=1)
-        ax.set_title(f"{method} {intervention} L{layer}")
+        ax.set_title(f"{method} {intervention} {_layer_label(layer)}")
         ax.set_xlabel("alpha")
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("refusal rate (dotted: baseline)")
@@ -61,7 +67,7 @@ def generalization_gap(summary: pd.DataFrame) -> plt.Figure:
         for (method, layer), rows in steered.groupby(["method", "layer"], dropna=False):
             rows = rows.sort_values("alpha")
             ax.plot(rows["alpha"], rows["harm_train/refusal"] - rows["harm_test/refusal"],
-                    marker="o", label=f"{method} L{layer}")
+                    marker="o", label=f"{method} {_layer_label(layer)}")
         ax.legend(fontsize=8)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("alpha")
@@ -109,7 +115,7 @@ def layer_alpha_heatmaps(summary: pd.DataFrame, column: str = "harm_test/refusal
         table = rows.pivot_table(index="layer", columns="alpha", values=column, aggfunc="mean")
         image = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(table.columns)), [f"{a:g}" for a in table.columns])
-        ax.set_yticks(range(len(table.index)), [str(l) for l in table.index])
+        ax.set_yticks(range(len(table.index)), [_layer_label(l) for l in table.index])
         for (i, j), value in np.ndenumerate(table.to_numpy()):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
         ax.set_xlabel("alpha")

@@ -26,7 +26,7 @@ from lmlab.errors import LmlabError
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, family_for
 from lmlab.sweeps.locks import ConditionLock
 from lmlab.sweeps.spec import SweepSpec
-from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, Tracker, close_dead_runs,
+from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, PARENT_TAG, Tracker, close_dead_runs,
                             condition_key, ensure_store, finished_condition, owner_is_dead,
                             owner_tags)
 
@@ -184,6 +184,7 @@ class SweepRunner:
         key = self.key_for(params)
         existing = finished_condition(self.client, self.tracker.experiment_id, key)
         if existing is not None:
+            self._adopt_if_orphaned(existing)
             self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
             self._record_grid_trial(params, key, existing.data.metrics, existing.info.run_id)
             return True
@@ -196,6 +197,18 @@ class SweepRunner:
             lock.release()
         self._record_grid_trial(params, key, metrics, run_id)
         return True
+
+    def _adopt_if_orphaned(self, run) -> None:  # type: ignore[no-untyped-def]
+        """Move a finished child of an interrupted sweep under the sweep that resumes it,
+        so the UI shows the whole sweep under one parent. Children of a parent that
+        finished stay where they are."""
+        old_parent = run.data.tags.get(PARENT_TAG)
+        if not old_parent or old_parent == self.tracker.parent_run_id:
+            return
+        if self.client.get_run(old_parent).info.status == "FINISHED":
+            return
+        self.tracker.set_tags(run.info.run_id, {PARENT_TAG: self.tracker.parent_run_id,
+                                                "lmlab.adopted_from": old_parent})
 
     def _wait_for(self, params: Mapping[str, Any]) -> None:
         key = self.key_for(params)
