@@ -89,8 +89,11 @@ class SweepRunner:
 
     # ------------------------------------------------------------------ identity
     def key_for(self, params: Mapping[str, Any]) -> str:
-        return condition_key({"family": self.spec.family, "model": self.spec.model.identity(),
-                              "settings": self.family.settings_identity(), "params": dict(params)})
+        identity = {"family": self.spec.family, "model": self.spec.model.identity(),
+                    "settings": self.family.settings_identity(), "params": dict(params)}
+        if self.spec.test_mode:  # test-mode results never stand in for full-run ones
+            identity["test_mode"] = True
+        return condition_key(identity)
 
     # ------------------------------------------------------------------ the sweep
     def run(self) -> SweepOutcome:
