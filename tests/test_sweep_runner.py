@@ -240,3 +240,16 @@ def test_two_workers_share_a_study_without_repeating_a_condition(store: Path) ->
                                   filter_string="attributes.status = 'FINISHED'")
     keys = [r.data.tags[KEY_TAG] for r in finished if KEY_TAG in r.data.tags]
     assert len(keys) == 5 and len(set(keys)) == 5
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"n_prompts": "many"}, "steering.n_prompts must be int"),
+    ({"generation": {"max_new_tokens": "long"}}, "steering.generation.max_new_tokens must be int"),
+    ({"generation": 48}, "steering.generation must be a mapping"),
+    ({"eval_splits": ["harm_tset"]}, "unknown split"),
+])
+def test_wrongly_typed_settings_are_user_errors(settings, message) -> None:
+    with pytest.raises(LmlabError, match=message):
+        from lmlab.sweeps.family import family_for
+
+        family_for(spec_with(steering={**TINY_SPEC["steering"], **settings}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +19,7 @@ import pandas as pd
 
 from lmlab import stats
 from lmlab.cache import content_key, tensor_digest
+from lmlab.config import from_mapping
 from lmlab.data.prompts import BUNDLED_SPLITS, PromptRow, digest, load_prompts
 from lmlab.errors import LmlabError
 from lmlab.generation import GenerationConfig, generate, score_continuations
@@ -56,26 +57,21 @@ class SteeringSettings:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "SteeringSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise LmlabError(f"unknown steering setting(s): {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(raw)
-        data = {s: f"bundled:{s}" for s in BUNDLED_SPLITS}
-        if "data" in values:
-            extra = set(values["data"]) - set(BUNDLED_SPLITS)
+        converted: dict[str, Any] = {}
+        if "data" in raw:
+            if not isinstance(raw["data"], Mapping):
+                raise LmlabError("steering.data must map split names to files")
+            extra = set(raw["data"]) - set(BUNDLED_SPLITS)
             if extra:
                 raise LmlabError(f"unknown steering data split(s): {sorted(extra)}")
-            data.update({k: str(v) for k, v in values["data"].items()})
-        values["data"] = data
-        if "generation" in values:
-            values["generation"] = _nested(GenerationConfig, values["generation"], "generation")
-        if "degenerate" in values:
-            values["degenerate"] = _nested(DegeneracyThresholds, values["degenerate"], "degenerate")
-        for name in ("eval_splits", "controls"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
+            converted["data"] = {**{s: f"bundled:{s}" for s in BUNDLED_SPLITS},
+                                 **{k: str(v) for k, v in raw["data"].items()}}
+        if "generation" in raw:
+            converted["generation"] = from_mapping(GenerationConfig, raw["generation"], "steering.generation")
+        if "degenerate" in raw:
+            converted["degenerate"] = from_mapping(DegeneracyThresholds, raw["degenerate"],
+                                                   "steering.degenerate")
+        return from_mapping(cls, raw, "steering", **converted)
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1 or self.n_train < 2:
@@ -92,15 +88,6 @@ class SteeringSettings:
 
     def identity(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _nested(kind: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise LmlabError(f"steering.{where} must be a mapping")
-    known = {f.name for f in fields(kind)}
-    if set(raw) - known:
-        raise LmlabError(f"unknown steering.{where} key(s): {sorted(set(raw) - known)}")
-    return kind(**raw)
 
 
 def _is_number(value: Any) -> bool:
