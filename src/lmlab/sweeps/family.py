@@ -131,5 +131,7 @@ def _import_families() -> None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:
-            if error.name != module:
+            # A family package that is not installed is skipped; a missing dependency
+            # inside an existing family is a real error.
+            if error.name is None or not module.startswith(error.name):
                 raise
