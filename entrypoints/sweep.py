@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-try:
-    import lmlab  # noqa: F401
-except ImportError:  # an env manager that installed the requirements but not the project
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+import _bootstrap  # noqa: F401  (puts src/ on the path when lmlab is not installed)
 from lmlab.errors import LmlabError, exit_cleanly_on_user_error
 
 

@@ -5,10 +5,16 @@ Tests must not change these models; hooks are removed by the code under test.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from lmlab.models import LoadedModel, tiny_model
+
+# Entry points import their `_bootstrap` sibling; tests load them by file path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "entrypoints"))
 
 # Tiny models gain nothing from intra-op threads, and on a shared CPU extra threads
 # spin-wait on each other (a 3-layer forward goes from ~5 ms to ~0.5 s).

@@ -1,0 +1,136 @@
+"""The activation cache: exact sizes, one pass per batch, resume, refusal when disk is short."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lmlab.probes.activations as activations
+from lmlab.errors import LmlabError
+from lmlab.hooks import capture_residuals
+from lmlab.probes.activations import ExtractionConfig, extract, stored_data_bytes
+from lmlab.probes.chains import KNOWN_LABELS, load_chains, tokenize_chains
+
+
+@pytest.fixture
+def tokens(tiny_lm, chain_file):
+    chains = load_chains(chain_file)
+    return chains.digest, tokenize_chains(tiny_lm, chains.chains[:12], KNOWN_LABELS)
+
+
+def test_stored_bytes_per_token_and_layer_equal_width_times_dtype_size(tiny_lm, tokens, tmp_path):
+    digest, chains = tokens
+    config = ExtractionConfig(layers=(0, 2), dtype="float16", batch_size=5)
+    cache, report = extract(tiny_lm, chains, digest, config, tmp_path, log=False)
+    stored = sum(stored_data_bytes(p) for p in (cache.directory / "shards").glob("*.safetensors"))
+    n_tokens = sum(c.n_tokens for c in chains)
+    assert stored / (n_tokens * len(config.layers)) == tiny_lm.hidden_size * 2
+    assert report.planned_bytes == stored
+
+
+def test_cached_activations_equal_a_single_unpadded_forward(tiny_lm, tokens, tmp_path):
+    digest, chains = tokens
+    cache, _ = extract(tiny_lm, chains, digest, ExtractionConfig((1,), "float16", 4), tmp_path,
+                       log=False)
+    cached = cache.layer(1, chains)
+    for chain, acts in zip(chains[:3], cached):
+        ids = torch.from_numpy(chain.input_ids)[None]
+        alone = capture_residuals(tiny_lm, ids, torch.ones_like(ids), [1])[1][0]
+        assert acts.shape == (chain.n_tokens, tiny_lm.hidden_size)
+        np.testing.assert_allclose(acts, alone.float().numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_one_forward_pass_per_batch_captures_every_layer(tiny_lm, tokens, tmp_path, monkeypatch):
+    digest, chains = tokens
+    calls = []
+    real = activations.capture_residuals
+
+    def counting(lm, ids, mask, layers, dtype=None):
+        calls.append(tuple(layers))
+        return real(lm, ids, mask, layers, dtype)
+
+    monkeypatch.setattr(activations, "capture_residuals", counting)
+    extract(tiny_lm, chains, digest, ExtractionConfig((0, 1, 2), "bfloat16", 5), tmp_path, log=False)
+    assert calls == [(0, 1, 2)] * 3  # 12 chains, batches of 5
+
+
+def test_an_interrupted_extraction_resumes_without_redoing_finished_items(tiny_lm, tokens, tmp_path,
+                                                                          monkeypatch):
+    digest, chains = tokens
+    config = ExtractionConfig((0, 2), "float16", 4)
+    real = activations.capture_residuals
+    seen: list[int] = []
+
+    def dies_on_second_batch(lm, ids, mask, layers, dtype=None):
+        seen.append(ids.shape[0])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(lm, ids, mask, layers, dtype)
+
+    monkeypatch.setattr(activations, "capture_residuals", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tiny_lm, chains, digest, config, tmp_path, log=False)
+    monkeypatch.setattr(activations, "capture_residuals", real)
+    cache, report = extract(tiny_lm, chains, digest, config, tmp_path, log=False)
+    assert (report.n_reused, report.n_extracted, report.forward_passes) == (4, 8, 2)
+    assert len(cache.items) == 12
+    again = extract(tiny_lm, chains, digest, config, tmp_path, log=False)[1]
+    assert (again.n_extracted, again.forward_passes) == (0, 0)
+
+
+def test_a_cache_with_more_layers_is_reused_for_a_subset(tiny_lm, tokens, tmp_path):
+    digest, chains = tokens
+    first, _ = extract(tiny_lm, chains, digest, ExtractionConfig((0, 1, 2)), tmp_path, log=False)
+    second, report = extract(tiny_lm, chains, digest, ExtractionConfig((1,)), tmp_path, log=False)
+    assert second.directory == first.directory and report.n_extracted == 0
+
+
+def test_extraction_refuses_when_the_disk_cannot_hold_it(tiny_lm, tokens, tmp_path, monkeypatch):
+    digest, chains = tokens
+    monkeypatch.setattr(activations.shutil, "disk_usage",
+                        lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(LmlabError, match="activation cache needs .* GB"):
+        extract(tiny_lm, chains, digest, ExtractionConfig((0,)), tmp_path, log=False)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_the_manifest_lists_every_item_with_its_ids_hash(tiny_lm, tokens, tmp_path):
+    digest, chains = tokens
+    cache, _ = extract(tiny_lm, chains, digest, ExtractionConfig((0,)), tmp_path, log=False)
+    manifest = cache.manifest()
+    assert manifest["dataset_digest"] == digest and manifest["width"] == tiny_lm.hidden_size
+    by_id = {item["id"]: item for item in manifest["items"]}
+    for chain in chains:
+        assert by_id[chain.task_id]["n_tokens"] == chain.n_tokens
+        assert by_id[chain.task_id]["ids_hash"] == chain.ids_hash
+    json.dumps(manifest)
+
+
+def test_a_length_mismatch_is_an_error_not_a_truncation(tiny_lm, tokens, tmp_path):
+    digest, chains = tokens
+    cache, _ = extract(tiny_lm, chains, digest, ExtractionConfig((0,)), tmp_path, log=False)
+    item = cache.items[chains[0].task_id]
+    # The manifest claims this longer chain, but the shard holds one token less.
+    longer = type(chains[0])(chains[0].task_id, np.r_[chains[0].input_ids, 5], chains[0].labels,
+                             chains[0].chain_start)
+    cache.items[longer.task_id] = {**item, "ids_hash": longer.ids_hash}
+    with pytest.raises(LmlabError, match="cached activations for"):
+        cache.layer(0, [longer])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": ()}, "at least one layer"), ({"layers": (1, 1)}, "must not repeat"),
+    ({"layers": (1,), "dtype": "float32"}, "dtype"), ({"layers": (1,), "batch_size": 0}, "batch_size"),
+])
+def test_bad_extraction_settings_are_refused(kwargs, message):
+    with pytest.raises(LmlabError, match=message):
+        ExtractionConfig(**kwargs)
+
+
+def test_layers_outside_the_model_are_refused(tiny_lm, tokens, tmp_path):
+    digest, chains = tokens
+    with pytest.raises(LmlabError, match="outside the model"):
+        extract(tiny_lm, chains, digest, ExtractionConfig((7,)), tmp_path, log=False)

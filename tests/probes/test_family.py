@@ -1,0 +1,182 @@
+"""The probes family end to end through the sweep runner, the registry and the viewer."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from lmlab.errors import LmlabError
+from lmlab.probes.registry import load_registered, registered_name
+from lmlab.probes.view import render_html, score_text
+from lmlab.sweeps import runner as sweep_runner
+from lmlab.sweeps.family import family_for
+from lmlab.sweeps.spec import parse_spec
+
+LAYERS, LAGS = [0, 2], [-2, 0, 3]
+# MLflow asks for predict type hints; the probes carry an explicit tensor signature instead.
+pytestmark = pytest.mark.filterwarnings("ignore:.*Add type hints:UserWarning")
+
+
+def spec_for(chain_file, **settings):
+    raw = {"family": "probes", "name": "unit", "model": "tiny-llama",
+           "grid": {"label": ["backtracking"], "layer": LAYERS, "lag": LAGS},
+           "probes": {"data": str(chain_file), "bootstrap": 30, "batch_size": 8, **settings}}
+    return parse_spec(raw)
+
+
+def run(spec, lm):
+    family = family_for(spec)
+    client = sweep_runner.ensure_store()
+    parent, experiment = sweep_runner.start_parent(client, spec, "probes-unit")
+    runner = sweep_runner.SweepRunner(spec, family, client, experiment, parent,
+                                      sweep_runner._store_dir())
+    runner.ctx.__dict__["model"] = lm  # the tiny model instead of loading spec.model
+    return runner.run(), family, client
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, sample_records, tiny_lm):
+    """One sweep (2 layers x 3 lags on 30 sample chains) shared by the tests that read it."""
+    root = tmp_path_factory.mktemp("swept")
+    chain_file = root / "chains.json"
+    chain_file.write_text(json.dumps(sample_records[:30]))
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        patch.setenv("LMLAB_STORE_DIR", str(root / ".lmlab"))
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        outcome, family, client = run(spec_for(chain_file), tiny_lm)
+        yield outcome, family, client, chain_file
+    mlflow.set_tracking_uri(previous)
+
+
+def test_every_layer_and_lag_is_a_child_run_with_metrics_and_a_probe(swept):
+    outcome, family, client, _ = swept
+    children = client.search_runs([outcome.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    assert len(children) == len(LAYERS) * len(LAGS)
+    for child in children:
+        lag = int(child.data.params["lag"])
+        assert f"lag{lag}" in child.info.run_name
+        assert {"test_auroc", "test_auroc_lo", "test_pr_auc", "token_test_auroc",
+                "shuffled_test_auroc", "threshold", "base_rate"} <= set(child.data.metrics)
+        artifacts = [a.path for a in client.list_artifacts(child.info.run_id)]
+        assert f"probe_layer{child.data.params['layer']}_lag{lag}" in artifacts
+
+
+def test_the_parent_holds_the_results_table_and_figures(swept, tmp_path):
+    outcome, family, client, _ = swept
+    parent = outcome.parent_run_id
+    local = client.download_artifacts(parent, "probe_results.csv", str(tmp_path))
+    import pandas as pd
+
+    table = pd.read_csv(local)
+    assert len(table) == len(LAYERS) * len(LAGS)
+    for column in ("layer", "lag", "train_accuracy", "test_f1", "test_auroc", "test_pr_auc",
+                   "n_test", "pos_ratio_test", "token_test_auroc", "shuffled_test_auroc"):
+        assert column in table
+    plots = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert "plots/backtracking_heatmap_test_auroc.png" in plots
+    assert "plots/backtracking_lines_test_pr_auc.png" in plots
+    assert "plots/backtracking_class_balance.png" in plots
+    manifest = json.loads(mlflow.artifacts.load_text(f"runs:/{parent}/activations/manifest.json"))
+    assert len(manifest["items"]) == 30 and manifest["layers"] == LAYERS
+
+
+def test_the_champion_reloaded_by_alias_gives_the_trained_probabilities(swept, tiny_lm):
+    outcome, family, client, _ = swept
+    name = registered_name("backtracking", "tiny-llama")
+    champion = client.get_model_version_by_alias(name, "champion")
+    table = family.results_table(None, family.conditions())
+    best = table.loc[table["val_pr_auc"].idxmax()]
+    assert (champion.tags["layer"], champion.tags["lag"]) == (str(best["layer"]), str(best["lag"]))
+    loaded = load_registered(name)
+    layer, lag = int(best["layer"]), int(best["lag"])
+    probe = family._layers[("backtracking", layer)].probes[lag]
+    prepared = family._data()
+    acts = prepared.cache.layer(layer, prepared.tokens[:3])
+    x = np.concatenate(acts)
+    np.testing.assert_allclose(loaded.predict(x), probe.predict_proba(x), rtol=1e-5, atol=1e-6)
+    assert loaded.metadata.metadata["lag"] == lag
+    assert loaded.metadata.metadata["dataset_digest"] == prepared.chains.digest
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == len(LAYERS) * len(LAGS)
+
+
+def test_a_rerun_reuses_finished_runs_and_the_activation_cache(swept, tiny_lm, capsys):
+    outcome, _, client, chain_file = swept
+    again, _, _ = run(spec_for(chain_file), tiny_lm)
+    assert again.summary["reused"].all()
+    assert "30 of 30 chains already cached" in capsys.readouterr().out
+    name = registered_name("backtracking", "tiny-llama")
+    assert len(client.search_model_versions(f"name = '{name}'")) == len(LAYERS) * len(LAGS)
+
+
+def test_the_viewer_shades_every_chain_token(swept, tiny_lm):
+    loaded = load_registered(registered_name("backtracking", "tiny-llama"))
+    text = "Two plus two is five.\nWait, that is wrong: it is four."
+    scored = score_text(tiny_lm, loaded, text, "What is 2 + 2?")
+    assert "".join(scored.pieces) == text
+    page = render_html(scored, "probe")
+    assert page.count("<span") == len(scored.pieces)
+    assert f"layer {loaded.metadata.metadata['layer']}" in page
+
+
+def _probe_view():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "entrypoints/probe_view.py"
+    spec = importlib.util.spec_from_file_location("probe_view", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_viewer_names_a_missing_probe_and_exits_non_zero(tracking, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        _probe_view().main(["--name", "probe-nothing-here", "--no-log"])
+    assert stopped.value.code == 2
+    assert "no registered model named 'probe-nothing-here'" in capsys.readouterr().err
+
+
+def test_a_missing_registered_name_is_a_clear_error(tracking):
+    with pytest.raises(LmlabError, match="no registered model named 'probe-nothing'"):
+        load_registered("probe-nothing")
+
+
+@pytest.mark.parametrize("grid, settings, message", [
+    ({"label": ["backtracking"], "layer": [0]}, {}, "exactly the keys"),
+    ({"label": ["daydreaming"], "layer": [0], "lag": [0]}, {}, "not a chain label"),
+    ({"label": ["backtracking"], "layer": [0], "lag": [0]}, {"colour": "red"}, "unknown probes setting"),
+    ({"label": ["backtracking"], "layer": [0], "lag": [0.5]}, {}, "must be an integer"),
+    ({"label": ["backtracking"], "layer": [0], "lag": [0]}, {"split": [0.9, 0.9, 0.1]}, "split"),
+])
+def test_bad_specs_are_refused_before_any_work(grid, settings, message):
+    raw = {"family": "probes", "name": "bad", "grid": grid, "probes": settings}
+    with pytest.raises(LmlabError, match=message):
+        family_for(parse_spec(raw))
+
+
+def test_a_lag_longer_than_every_chain_stops_the_sweep_with_nothing_registered(
+        tracking, chain_file, tiny_lm):
+    spec = parse_spec({"family": "probes", "name": "long", "model": "tiny-llama",
+                       "grid": {"label": ["backtracking"], "layer": [0], "lag": [0, 5000]},
+                       "probes": {"data": str(chain_file)}})
+    with pytest.raises(LmlabError, match="lag 5000 is longer than every chain"):
+        run(spec, tiny_lm)
+    assert not mlflow.MlflowClient().search_registered_models()
+
+
+def test_a_label_that_never_occurs_stops_the_sweep(tracking, tmp_path, sample_records, tiny_lm):
+    records = [r for r in sample_records if '["uncertainty-estimation"]' not in r["annotated_chain"]]
+    path = tmp_path / "no_uncertainty.json"
+    path.write_text(json.dumps(records[:20]))
+    spec = parse_spec({"family": "probes", "name": "never", "model": "tiny-llama",
+                       "grid": {"label": ["uncertainty-estimation"], "layer": [0], "lag": [0]},
+                       "probes": {"data": str(path)}})
+    with pytest.raises(LmlabError, match="never occurs"):
+        run(spec, tiny_lm)
