@@ -11,9 +11,10 @@ import math
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import mlflow
 import optuna
@@ -28,7 +29,7 @@ from lmlab.sweeps.locks import ConditionLock
 from lmlab.sweeps.spec import SweepSpec
 from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, PARENT_TAG, Tracker, close_dead_runs,
                             condition_key, ensure_store, finished_condition, owner_is_dead,
-                            owner_tags)
+                            owner_tags, store_dir)
 
 WAIT_POLL_SECONDS = 5.0
 
@@ -242,19 +243,9 @@ class SweepRunner:
         run_id = self.tracker.start_child(name, params, tags)
         self.ctx.run_id = run_id
         try:
-            result = self.family.run_condition(self.ctx, params)
-            self._log_result(run_id, result)
-        except KeyboardInterrupt:
-            self.tracker.fail(run_id, "interrupted by the user", status="KILLED")
-            raise
-        except LmlabError as error:
-            self.tracker.fail(run_id, str(error))
-            raise
-        except Exception as error:  # a bug or a runtime failure: keep the trace on the run
-            self.tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-            self.tracker.fail(run_id, f"{type(error).__name__}: {error}")
-            raise LmlabError(f"condition {name} failed with {type(error).__name__}: {error} "
-                             f"(traceback saved as error.txt on run {run_id})") from error
+            with closed_on_failure(self.tracker, run_id, f"condition {name}"):
+                result = self.family.run_condition(self.ctx, params)
+                self._log_result(run_id, result)
         finally:
             self.ctx.run_id = None
         self.tracker.finish(run_id)
@@ -311,6 +302,26 @@ class SweepRunner:
         self._log_result(parent, result)
 
 
+@contextmanager
+def closed_on_failure(tracker: Tracker, run_id: str, what: str) -> Iterator[None]:
+    """Never leave ``run_id`` RUNNING: Ctrl+C ends it KILLED, any error FAILED with the
+    reason as a tag; an unexpected error keeps its traceback as ``error.txt`` on the run
+    and reaches the user as one LmlabError line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracker.fail(run_id, "interrupted by the user", status="KILLED")
+        raise
+    except LmlabError as error:
+        tracker.fail(run_id, str(error))
+        raise
+    except Exception as error:
+        tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+        tracker.fail(run_id, f"{type(error).__name__}: {error}")
+        raise LmlabError(f"{what} failed with {type(error).__name__}: {error} "
+                         f"(traceback saved as error.txt on run {run_id})") from error
+
+
 def start_parent(client: MlflowClient, spec: SweepSpec, experiment_name: str | None) -> tuple[str, str]:
     """Resume the run ``mlflow run`` created (MLFLOW_RUN_ID) or create one; (run id, experiment id)."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -327,21 +338,15 @@ def start_parent(client: MlflowClient, spec: SweepSpec, experiment_name: str | N
 def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutcome:
     family = family_for(spec)
     client = ensure_store()
-    store = _store_dir()
+    store = store_dir()
     parent_id, experiment_id = start_parent(client, spec, experiment_name)
     tracker_tags = {FAMILY_TAG: spec.family, "lmlab.sweep": spec.name, "lmlab.spec_digest": spec.digest,
                     "optuna.study": spec.study_name, "lmlab.role": "sweep", **owner_tags()}
     runner = SweepRunner(spec, family, client, experiment_id, parent_id, store)
     runner.tracker.set_tags(parent_id, tracker_tags)
     runner.tracker.log_text(parent_id, _spec_yaml(spec), "spec.yaml")
-    try:
+    with closed_on_failure(runner.tracker, parent_id, f"sweep {spec.name}"):
         outcome = runner.run()
-    except KeyboardInterrupt:
-        runner.tracker.fail(parent_id, "interrupted by the user", status="KILLED")
-        raise
-    except LmlabError as error:
-        runner.tracker.fail(parent_id, str(error))
-        raise
     client.set_terminated(parent_id, "FINISHED")
     return outcome
 
@@ -354,12 +359,6 @@ def mark_run_failed(reason: str) -> None:
     client = MlflowClient()
     client.set_tag(run_id, FAILURE_TAG, reason[:4000])
     client.set_terminated(run_id, "FAILED")
-
-
-def _store_dir() -> Path:
-    from lmlab.tracking import store_dir
-
-    return store_dir()
 
 
 def _spec_yaml(spec: SweepSpec) -> str:
