@@ -32,7 +32,7 @@ def run(spec, lm):
     client = sweep_runner.ensure_store()
     parent, experiment = sweep_runner.start_parent(client, spec, "probes-unit")
     runner = sweep_runner.SweepRunner(spec, family, client, experiment, parent,
-                                      sweep_runner._store_dir())
+                                      sweep_runner.store_dir())
     runner.ctx.__dict__["model"] = lm  # the tiny model instead of loading spec.model
     return runner.run(), family, client
 
