@@ -73,7 +73,8 @@ def test_prompt_steering_at_the_last_layer_changes_only_the_first_generated_toke
         any_lm: LoadedModel) -> None:
     """The last prompt column predicts the first generated token; later ones are not touched."""
     prefix, continuation = PROMPTS[2], " Mix flour, water"
-    edits = {any_lm.n_layers - 1: add_vector(torch.ones(any_lm.hidden_size))}
+    # Not a constant vector: GPT-2's final LayerNorm subtracts the mean and would erase it.
+    edits = {any_lm.n_layers - 1: add_vector(torch.linspace(-2, 2, any_lm.hidden_size))}
     [plain] = score_continuations(any_lm, [prefix], [continuation])
     [steered] = score_continuations(any_lm, [prefix], [continuation], edits=edits,
                                     positions="prompt")

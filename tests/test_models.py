@@ -32,11 +32,6 @@ def test_from_dict_accepts_none_a_name_or_a_mapping() -> None:
     assert ModelSpec.from_dict({"name": "x/y", "dtype": "bfloat16"}) == ModelSpec("x/y", dtype="bfloat16")
 
 
-def test_identity_ignores_the_device() -> None:
-    assert ModelSpec("x/y", device="cpu").identity() == ModelSpec("x/y", device="cuda").identity()
-    assert ModelSpec("x/y").identity() != ModelSpec("x/y", dtype="float16").identity()
-
-
 # ------------------------------------------------------------------ loading
 
 def test_load_model_of_a_tiny_name_gives_a_3_layer_model() -> None:

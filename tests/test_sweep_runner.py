@@ -190,7 +190,7 @@ def _run_cli(args: list[str], store: Path, env_extra: dict | None = None) -> sub
     ({"grid": {"alpha": [1.5], "layer": [1], "intervention": ["ablate"]}}, "must be in [0, 1]"),
     ({"colour": "blue"}, "unknown key(s) ['colour']"),
     ({"steering": {"n_promts": 3}}, "unknown steering setting(s)"),
-    ({"steering": {"data": {"benign": "/no/such/file.jsonl"}}}, "prompt file not found"),
+    ({"steering": {"data": {"benign": "/no/such/file.jsonl"}}}, "input 'benign' not found"),
 ])
 def test_bad_specs_end_with_one_clear_message_and_a_failed_run(store: Path, change, message) -> None:
     client = MlflowClient()

@@ -1,3 +1,3 @@
 """lmlab: tracked experiments on the insides and behaviour of language models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

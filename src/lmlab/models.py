@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,9 +49,14 @@ class ModelSpec:
     quantization: ``none``, ``4bit`` (NF4) or ``8bit`` through bitsandbytes.
     dtype: ``auto`` (bfloat16 on CUDA, float32 elsewhere), ``float32``, ``float16``, ``bfloat16``.
     device: ``auto`` (cuda, then mps, then cpu) or an explicit torch device string.
+    revision: a Hub branch, tag or commit (default: what the local cache holds for ``main``).
+
+    What identifies the loaded weights for reuse (resolved dtype, device type, content
+    digests) is :func:`lmlab.identity.model_identity`.
     """
 
     name: str = EMBEDDED_NAME
+    revision: str | None = None
     adapter: str | None = None
     quantization: Quantization = "none"
     dtype: str = "auto"
@@ -78,12 +83,6 @@ class ModelSpec:
             raise LmlabError(f"unknown model key(s): {sorted(unknown)}")
         return cls(**raw)
 
-    def identity(self) -> dict[str, Any]:
-        """Fields that change results (the device does not)."""
-        ident = asdict(self)
-        ident.pop("device")
-        return ident
-
 
 @dataclass
 class LoadedModel:
@@ -103,8 +102,8 @@ class LoadedModel:
 
     @property
     def identity(self) -> str:
-        """A short stable string naming the weights, for cache keys and tags."""
-        payload = json.dumps({**self.spec.identity(), **self.extra_identity}, sort_keys=True)
+        """A short stable string naming the weights as loaded, for cache keys and tags."""
+        payload = json.dumps(self.extra_identity, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def format_chat(self, user_text: str, system: str | None = None) -> str:
@@ -201,8 +200,8 @@ def _quantization_config(spec: ModelSpec) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _load_tokenizer(location: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(location)
+def _load_tokenizer(location: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(location, **({"revision": revision} if revision else {}))
     prepare_tokenizer(tokenizer)
     return tokenizer
 
@@ -224,11 +223,13 @@ def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     dtype = resolve_dtype(spec.dtype, device)
     quantization = _quantization_config(spec)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": str(device)}
     try:
-        tokenizer = _load_tokenizer(location)
+        tokenizer = _load_tokenizer(location, spec.revision)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as error:
         raise LmlabError(
@@ -240,7 +241,9 @@ def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     if spec.adapter:
         model = _apply_adapter(model, spec.adapter)
     model.eval()
-    return _wrap(model, tokenizer, spec, device)
+    from lmlab.identity import model_identity
+
+    return _wrap(model, tokenizer, spec, device, model_identity(spec))
 
 
 def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
@@ -339,5 +342,6 @@ def tiny_model(arch: str = "llama", n_layers: int = 3, hidden_size: int = 64, se
     model = AutoModelForCausalLM.from_config(config)
     model.eval()
     spec = ModelSpec(name=f"{TINY_PREFIX}{arch}", device="cpu", dtype="float32")
-    return _wrap(model, tokenizer, spec, torch.device("cpu"), {"seed": seed, "layers": n_layers,
-                                                                "hidden": hidden_size})
+    return _wrap(model, tokenizer, spec, torch.device("cpu"),
+                 {"name": spec.name, "dtype": "float32", "device_type": "cpu", "seed": seed,
+                  "layers": n_layers, "hidden": hidden_size})

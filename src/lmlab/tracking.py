@@ -15,7 +15,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
 import mlflow
@@ -28,6 +28,7 @@ FAMILY_TAG = "lmlab.family"
 FAILURE_TAG = "lmlab.failure_reason"
 PID_TAG = "lmlab.pid"
 HOST_TAG = "lmlab.host"
+OUTPUT_DIGESTS_TAG = "lmlab.output_digests"
 
 
 def canonical_value(value: Any) -> Any:
@@ -113,13 +114,44 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return closed
 
 
-def finished_condition(client: MlflowClient, experiment_id: str, key: str):  # -> Run | None
+def _covers(logged: str | None, wanted: Any) -> bool:
+    """True when a logged list param holds every requested value (or equals a scalar)."""
+    if logged is None:
+        return False
+    try:
+        have = json.loads(logged)
+    except ValueError:
+        have = logged
+    if isinstance(wanted, (list, tuple)):
+        return isinstance(have, list) and set(map(str, wanted)) <= set(map(str, have))
+    return have == canonical_value(wanted)
+
+
+def _same_digests(logged: str | None, wanted: Mapping[str, str]) -> bool:
+    try:
+        have = json.loads(logged) if logged else {}
+    except ValueError:
+        return False
+    return all(have.get(name) == digest for name, digest in wanted.items())
+
+
+def finished_condition(client: MlflowClient, experiment_id: str, key: str,
+                       outputs: Mapping[str, Any] | None = None,
+                       output_digests: Mapping[str, str] | None = None):  # -> Run | None
+    """Newest FINISHED run of ``key``; with ``outputs``, one whose output params cover them,
+    and with ``output_digests``, one whose outputs were computed on those inputs."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.{KEY_TAG} = '{key}' and attributes.status = 'FINISHED'",
-        max_results=1, order_by=["attributes.end_time DESC"],
+        max_results=50, order_by=["attributes.end_time DESC"],
     )
-    return runs[0] if runs else None
+    for run in runs:
+        if not all(_covers(run.data.params.get(name), value) for name, value in (outputs or {}).items()):
+            continue
+        if output_digests and not _same_digests(run.data.tags.get(OUTPUT_DIGESTS_TAG), output_digests):
+            continue
+        return run
+    return None
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -181,6 +213,18 @@ class Tracker:
 
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self._timed(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def log_datasets(self, run_id: str, reports: Sequence[Any]) -> None:
+        """Each input as an MLflow dataset (name, digest, source, rows read/kept/dropped),
+        so the runs table's Datasets column shows exactly what the run read."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(
+            Dataset(name=r.name, digest=r.digest, source_type="local",
+                    source=json.dumps({"uri": r.source}), profile=json.dumps(r.profile())),
+            tags=[InputTag("mlflow.data.context", r.name)]) for r in reports]
+        if inputs:
+            self._timed(self.client.log_inputs, run_id, datasets=inputs)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self._timed(self.client.log_text, run_id, text, name)

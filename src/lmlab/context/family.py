@@ -61,6 +61,7 @@ def make_task(settings: ContextSettings, grid: Mapping[str, list[Any]] | None) -
 class ContextFamily(Family):
     name = "context"
     work_unit_name = "prompts"
+    operational_settings = ("row_store", "batch_size", "test_samples")
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
@@ -74,6 +75,9 @@ class ContextFamily(Family):
     # ------------------------------------------------------------ conditions
     def settings_identity(self) -> Any:
         return self.settings.identity()
+
+    def data_inputs(self) -> dict[str, Path]:
+        return self.task.data_inputs()
 
     def conditions(self) -> list[dict[str, Any]]:
         points = self.spec.grid_points()

@@ -190,7 +190,16 @@ class LongMemEvalTask:
     name = TASK
 
     def __init__(self, settings: LongMemEvalSettings) -> None:
+        self.settings = settings
         self.questions, self.digest = load_questions(settings.data)
+
+    def data_inputs(self) -> dict[str, Path]:
+        data = self.settings.data
+        if data in (None, BUNDLED):
+            return {"longmemeval": bundled_path()}
+        if isinstance(data, Mapping):
+            return {f"longmemeval_{k}": Path(str(v)).expanduser() for k, v in data.items()}
+        return {"longmemeval": Path(str(data)).expanduser()}
 
     @staticmethod
     def validate_params(params: Mapping[str, Any]) -> None:

@@ -19,7 +19,7 @@ import pandas as pd
 from lmlab.cache import content_key
 from lmlab.context.clients import Client, Reply, Request
 from lmlab.context.engine import Item, JudgeQuestion
-from lmlab.context.haystack import BUNDLED, Haystack, Placement, Sized, load_haystack, place, size_prompt
+from lmlab.context.haystack import BUNDLED, Haystack, bundled_dir, Placement, Sized, load_haystack, place, size_prompt
 from lmlab.context.rows import cell_id
 from lmlab.context.scoring import contains_answer
 from lmlab.errors import LmlabError
@@ -41,10 +41,13 @@ class Needle:
     distractors: tuple[str, ...] = ()
 
 
+def bundled_needles_path() -> Path:
+    return Path(str(resources.files("lmlab") / "data" / "context" / "needles.json"))
+
+
 def load_needles(path: str | None = None) -> tuple[list[Needle], str]:
     """Needles from ``path`` (same JSON shape as the bundled file) and their digest."""
-    source = Path(path) if path else Path(str(resources.files("lmlab") / "data" / "context" /
-                                              "needles.json"))
+    source = Path(path) if path else bundled_needles_path()
     if not source.is_file():
         raise LmlabError(f"needles file not found: {source}")
     try:
@@ -125,6 +128,11 @@ class NiahTask:
         self.needles, self.needles_digest = load_needles(settings.needles)
 
     validate_params = staticmethod(validate_params)
+
+    def data_inputs(self) -> dict[str, Path]:
+        s = self.settings
+        return {"haystack": bundled_dir() if s.haystack == BUNDLED else Path(s.haystack).expanduser(),
+                "needles": Path(s.needles).expanduser() if s.needles else bundled_needles_path()}
 
     def sample_ids(self, n: int) -> list[str]:
         if n > len(self.needles):

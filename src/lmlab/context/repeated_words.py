@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -135,6 +136,9 @@ class RepeatedWordsTask:
     def __init__(self, settings: RepeatedWordsSettings, positions: Sequence[float]) -> None:
         self.settings = settings
         self.positions = list(positions)
+
+    def data_inputs(self) -> dict[str, Path]:
+        return {}  # prompts are built from the settings alone
 
     @staticmethod
     def validate_params(params: Mapping[str, Any]) -> None:

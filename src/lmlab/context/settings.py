@@ -17,6 +17,9 @@ from lmlab.errors import LmlabError
 
 TASKS = ("niah", "longmemeval", "repeated_words")
 _OPERATIONAL = {"row_store", "batch_size", "test_samples"}
+# Paths of data the task reads: their content digests enter the key instead (see
+# ContextFamily.data_inputs), so moving a file changes nothing and editing one does.
+_DATA_PATHS = {"haystack", "needles", "data"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class ContextSettings:
                and k not in ("subject", "judge", "task_settings")}
         out["subject"] = self.subject.identity()
         out["judge"] = self.judge.identity() if self.judge else None
-        out.update(self.task_settings)
+        out.update({k: v for k, v in self.task_settings.items() if k not in _DATA_PATHS})
         return out
 
 

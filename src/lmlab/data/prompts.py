@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
+from lmlab.identity import file_digest
 
 BUNDLED_DIR = Path(__file__).parent / "prompts"
 BUNDLED_SPLITS = ("harm_train", "harmless_train", "harm_val", "harm_test", "benign")
@@ -70,25 +72,44 @@ def _rows_from_csv(path: Path) -> list[PromptRow]:
                 for i, row in enumerate(reader)]
 
 
-def load_prompts(source: str) -> list[PromptRow]:
-    """Load a prompt set; duplicates (after whitespace/case folding) are dropped, order kept."""
+def source_path(source: str) -> Path:
+    """The file behind a prompt source (``bundled:<split>`` or a path)."""
     if source.startswith("bundled:"):
         split = source.split(":", 1)[1]
         if split not in BUNDLED_SPLITS:
             raise LmlabError(f"unknown bundled split {split!r}; known: {BUNDLED_SPLITS}")
-        path = BUNDLED_DIR / f"{split}.jsonl"
-    else:
-        path = Path(source).expanduser()
+        return BUNDLED_DIR / f"{split}.jsonl"
+    return Path(source).expanduser()
+
+
+def load_prompt_set(source: str, name: str = "prompts") -> tuple[list[PromptRow], DataReport]:
+    """Load a prompt set and say what happened to every row.
+
+    Empty prompts and duplicates (after whitespace/case folding) are dropped, order kept.
+    """
+    path = source_path(source)
     if not path.is_file():
         raise LmlabError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
     loaders = {".jsonl": _rows_from_jsonl, ".json": _rows_from_json, ".csv": _rows_from_csv}
     if suffix not in loaders:
         raise LmlabError(f"{path}: unsupported prompt format {suffix!r} (use .jsonl, .json or .csv)")
-    rows = [r for r in loaders[suffix](path) if r.prompt.strip()]
+    report = DataReport(name=name, source=source, digest=file_digest(path), unit="prompts")
+    read = loaders[suffix](path)
+    report.rows_read = len(read)
+    rows = [r for r in read if r.prompt.strip()]
+    report.drop("empty", len(read) - len(rows))
     if not rows:
         raise LmlabError(f"{path}: the prompt file is empty")
-    return deduplicate(rows)
+    unique = deduplicate(rows)
+    report.drop("duplicate", len(rows) - len(unique))
+    report.rows_kept = len(unique)
+    return unique, report
+
+
+def load_prompts(source: str) -> list[PromptRow]:
+    """The rows of :func:`load_prompt_set`, for callers that need no report."""
+    return load_prompt_set(source)[0]
 
 
 def normalise(text: str) -> str:

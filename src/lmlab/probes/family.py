@@ -21,6 +21,8 @@ import torch
 
 from lmlab.cache import content_key
 from lmlab.config import from_mapping
+from lmlab.data.report import DataReport
+from lmlab.identity import path_digest, strip_operational
 from lmlab.errors import LmlabError
 from lmlab.probes import plots
 from lmlab.probes.activations import ActivationCache, ExtractionConfig, extract
@@ -106,6 +108,7 @@ def _int(value: Any, name: str) -> int:
 @register
 class ProbesFamily(Family):
     name = "probes"
+    operational_settings = ("batch_size", "fit_threads", "register")
 
     def __init__(self, spec) -> None:  # type: ignore[no-untyped-def]
         super().__init__(spec)
@@ -135,10 +138,21 @@ class ProbesFamily(Family):
             raise LmlabError(f"layer must be >= 0, got {params['layer']}")
 
     def settings_identity(self) -> Any:
-        """The settings plus the chain file's content, so edited data is never reused."""
-        from lmlab.probes.chains import read_records
+        """Result-changing settings; the chain file enters the key by its content digest."""
+        return strip_operational(asdict(self.settings), self.operational_settings + ("data",))
 
-        return {**dict(self.spec.settings), "data_digest": read_records(self.settings.data_path)[1]}
+    def data_inputs(self) -> dict[str, Path]:
+        return {"chains": self.settings.data_path}
+
+    def data_reports(self) -> list[DataReport]:
+        if self._prepared is None:
+            return []
+        chains = self._prepared.chains
+        report = DataReport(name="chains", source=str(self.settings.data), digest=path_digest(
+            self.settings.data_path), rows_read=chains.n_read, rows_kept=len(chains.chains),
+            unit="chains")
+        report.drop("low_coverage", chains.n_low_coverage)
+        return [report]
 
     work_unit_name = "probes"
 

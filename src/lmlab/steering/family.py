@@ -17,10 +17,12 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from lmlab import stats
+from lmlab import __version__, stats
 from lmlab.cache import content_key, tensor_digest
 from lmlab.config import from_mapping
-from lmlab.data.prompts import BUNDLED_SPLITS, PromptRow, digest, load_prompts
+from lmlab.data.prompts import BUNDLED_SPLITS, PromptRow, digest, load_prompt_set, source_path
+from lmlab.data.report import DataReport
+from lmlab.identity import strip_operational
 from lmlab.errors import LmlabError
 from lmlab.generation import GenerationConfig, generate, score_continuations
 from lmlab.hooks import POSITIONS, Edit, ablate_direction, add_vector, check_layers
@@ -41,7 +43,12 @@ FINAL_SPLITS = ["harm_test", "benign"]
 
 @dataclass(frozen=True)
 class SteeringSettings:
-    """Settings under ``steering:`` in a spec. Every field changes results."""
+    """Settings under ``steering:`` in a spec.
+
+    Operational (left out of condition keys): ``eval_splits`` (which splits to report;
+    a finished run that has the splits asked for is reused) and ``generation.batch_size``.
+    ``data`` paths are replaced by the files' content digests.
+    """
 
     data: Mapping[str, str] = field(default_factory=lambda: {s: f"bundled:{s}" for s in BUNDLED_SPLITS})
     n_prompts: int = 20  # per evaluation split (unique prompts, file order)
@@ -87,7 +94,8 @@ class SteeringSettings:
             raise LmlabError("steering.min_relative_norm must be >= 0")
 
     def identity(self) -> dict[str, Any]:
-        return asdict(self)
+        """Result-changing settings: everything but the operational ones and data paths."""
+        return strip_operational(asdict(self), SteeringFamily.operational_settings + ("data",))
 
 
 def _is_number(value: Any) -> bool:
@@ -98,6 +106,8 @@ def _is_number(value: Any) -> bool:
 class SteeringFamily(Family):
     name = "steering"
     work_unit_name = "completions"
+    operational_settings = ("eval_splits", "generation.batch_size")
+    output_params = ("splits",)
 
     def __init__(self, spec) -> None:  # type: ignore[no-untyped-def]
         super().__init__(spec)
@@ -109,11 +119,27 @@ class SteeringFamily(Family):
             raise LmlabError(f"unknown steering search param(s): "
                              f"{sorted(set(spec.search.params) - GRID_KEYS)}")
         self.prompts: dict[str, list[PromptRow]] = {}
+        self.reports: dict[str, DataReport] = {}
         self.directions: dict[tuple[str, int], dirs.Direction] = {}
 
     # ------------------------------------------------------------ conditions
     def settings_identity(self) -> Any:
         return self.settings.identity()
+
+    def _splits_read(self) -> list[str]:
+        needed = self._splits_needed() | {"harm_train", "harmless_train"}
+        return [split for split in BUNDLED_SPLITS if split in needed]
+
+    def data_inputs(self) -> dict[str, Path]:
+        return {split: source_path(self.settings.data[split]) for split in self._splits_read()}
+
+    def key_inputs(self) -> tuple[str, ...]:
+        # Directions read the train splits, so every condition depends on them; each
+        # evaluated split is an output tied to its own file's digest.
+        return ("harm_train", "harmless_train")
+
+    def data_reports(self) -> list[DataReport]:
+        return [self.reports[split] for split in self._splits_read() if split in self.reports]
 
     def conditions(self) -> list[dict[str, Any]]:
         splits = list(self.settings.eval_splits)
@@ -187,8 +213,7 @@ class SteeringFamily(Family):
         check_layers(lm, layers)
         if not lm.has_chat_template:
             print("warning: the model has no chat template; a base model has no refusal to steer")
-        self.prompts = {split: self._load_split(split) for split in BUNDLED_SPLITS
-                        if split in self._splits_needed() or split in ("harm_train", "harmless_train")}
+        self.prompts = {split: self._load_split(split) for split in self._splits_read()}
         # Real methods first: the random control borrows their residual norms.
         methods = sorted({p["method"] for p in self._all_params() if p["intervention"] != "none"},
                          key=lambda m: (m == "random", m))
@@ -216,10 +241,15 @@ class SteeringFamily(Family):
         return set(self.settings.eval_splits)
 
     def _load_split(self, split: str) -> list[PromptRow]:
-        rows = load_prompts(self.settings.data[split])
+        rows, report = load_prompt_set(self.settings.data[split], split)
         limit = self.settings.n_train if split in ("harm_train", "harmless_train") else self.settings.n_prompts
         if split == "harm_train":
             limit = max(limit, self.settings.n_prompts)
+        report.requested = limit
+        if len(rows) > limit:
+            report.drop("beyond_requested", len(rows) - limit)
+            report.rows_kept = limit
+        self.reports[split] = report
         return rows[:limit]
 
     def _directions(self, ctx: SweepContext, method: str, layers: list[int]) -> dict[int, dirs.Direction]:
@@ -316,7 +346,7 @@ class SteeringFamily(Family):
         lm = ctx.model
         prompts = self.prompts[split][:self.settings.n_prompts]
         key = content_key("steer-eval", lm.identity, digest(prompts), self.settings.identity(),
-                          self.fingerprint(params))
+                          self.fingerprint(params), __version__)
         cached = ctx.cache.get_json("steering-eval", key)
         if cached is not None:
             return cached

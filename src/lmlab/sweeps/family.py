@@ -11,11 +11,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Collection, Literal, Mapping
 
 import pandas as pd
 
 from lmlab.cache import DiskCache
+from lmlab.data.report import DataReport
+from lmlab.identity import strip_operational
 from lmlab.models import LoadedModel, load_model
 from lmlab.sweeps.spec import SweepSpec
 from lmlab.tracking import Tracker
@@ -53,6 +55,12 @@ class Family(ABC):
     """Base class for an experiment family; subclasses register themselves by ``name``."""
 
     name: ClassVar[str]
+    #: Settings (dotted paths into the family's block) that cannot change a result, such
+    #: as batch sizes, thread counts and where files live: left out of every condition key.
+    operational_settings: ClassVar[tuple[str, ...]] = ()
+    #: Params that only add outputs (steering's ``splits``): they are not part of the key,
+    #: and a finished run is reused when its value covers the requested one.
+    output_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
@@ -78,7 +86,23 @@ class Family(ABC):
 
     def settings_identity(self) -> Any:
         """Settings that change results; part of every condition key."""
-        return dict(self.spec.settings)
+        return strip_operational(dict(self.spec.settings), self.operational_settings)
+
+    def data_inputs(self) -> dict[str, Path]:
+        """Every file or folder the conditions read, by role; their content digests are
+        part of every condition key (a path alone would let an edited file look unchanged)."""
+        return {}
+
+    def key_inputs(self) -> Collection[str] | None:
+        """Names of the inputs whose digests enter every condition key (None: all).
+
+        An input named like an output value (steering's split ``benign``) may be left out:
+        a run's output for it is reused only while that input's digest is unchanged."""
+        return None
+
+    def data_reports(self) -> list[DataReport]:
+        """What the loaders did with each input; valid after :meth:`prepare`."""
+        return []
 
     work_unit_name: ClassVar[str] = "work units"
 

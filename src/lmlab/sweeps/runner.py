@@ -7,6 +7,7 @@ are closed as FAILED; a condition claimed by a live worker is waited for, not re
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -24,10 +25,12 @@ from tqdm.auto import tqdm
 
 from lmlab.cache import DiskCache
 from lmlab.errors import LmlabError
+from lmlab.identity import condition_identity, model_identity, path_digest
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, family_for
 from lmlab.sweeps.locks import ConditionLock
 from lmlab.sweeps.spec import SweepSpec
-from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, PARENT_TAG, Tracker, close_dead_runs,
+from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, OUTPUT_DIGESTS_TAG, PARENT_TAG,
+                            Tracker, close_dead_runs,
                             condition_key, ensure_store, finished_condition, owner_is_dead,
                             owner_tags, store_dir)
 
@@ -87,14 +90,44 @@ class SweepRunner:
                                 store_dir=store)
         self.rows: list[dict[str, Any]] = []
         self.study: optuna.Study | None = None
+        self._inputs: tuple[dict[str, Any], dict[str, str]] | None = None
 
     # ------------------------------------------------------------------ identity
+    def _model_and_data(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Model identity and data digests, computed once per sweep (hashing is cached)."""
+        if self._inputs is None:
+            data = {}
+            for name, path in self.family.data_inputs().items():
+                if not Path(path).expanduser().exists():
+                    raise LmlabError(f"{self.spec.family} input {name!r} not found: {path}")
+                data[name] = path_digest(path)
+            self._inputs = (model_identity(self.spec.model), data)
+        return self._inputs
+
+    def identity_for(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        model, data = self._model_and_data()
+        names = self.family.key_inputs()
+        keyed = data if names is None else {n: d for n, d in data.items() if n in names}
+        kept = {k: v for k, v in params.items() if k not in self.family.output_params}
+        return condition_identity(self.spec.family, model, keyed, self.family.settings_identity(),
+                                  kept, self.spec.test_mode)
+
     def key_for(self, params: Mapping[str, Any]) -> str:
-        identity = {"family": self.spec.family, "model": self.spec.model.identity(),
-                    "settings": self.family.settings_identity(), "params": dict(params)}
-        if self.spec.test_mode:  # test-mode results never stand in for full-run ones
-            identity["test_mode"] = True
-        return condition_key(identity)
+        return condition_key(self.identity_for(params))
+
+    def output_digests(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """For each output value that names a data input, that input's digest."""
+        data = self._model_and_data()[1]
+        values = [v for name in self.family.output_params for v in _as_list(params.get(name))]
+        return {str(v): data[str(v)] for v in values if str(v) in data}
+
+    def finished(self, key: str, params: Mapping[str, Any]):  # -> Run | None
+        """The newest FINISHED run of ``key`` whose outputs cover what ``params`` asks for,
+        computed on the same content of each output's input."""
+        wanted = {name: params[name] for name in self.family.output_params if name in params}
+        digests = self.output_digests(params)
+        return finished_condition(self.client, self.tracker.experiment_id, key, wanted,
+                                  digests if digests else None)
 
     # ------------------------------------------------------------------ the sweep
     def run(self) -> SweepOutcome:
@@ -111,6 +144,7 @@ class SweepRunner:
             self.family.validate_condition(params)
         self._print_plan(grid)
         self.family.prepare(self.ctx)
+        self._report_data()
         if self.spec.search is None:
             self._run_grid(grid)
         else:
@@ -130,13 +164,24 @@ class SweepRunner:
                   f"{self.spec.search.n_trials} trials ({self.spec.search.sampler}), "
                   f"study {self.spec.study_name}")
             return
-        todo = [p for p in grid if finished_condition(self.client, self.tracker.experiment_id,
-                                                      self.key_for(p)) is None]
+        todo = [p for p in grid if self.finished(self.key_for(p), p) is None]
         seconds = sum(self.family.estimate_seconds(p) for p in todo)
         units = sum(self.family.work_units(p) for p in todo)
         print(f"sweep {self.spec.name!r} ({self.spec.family}): {len(grid)} conditions, "
               f"{len(grid) - len(todo)} already finished, {len(todo)} to run; "
               f"about {units} {self.family.work_unit_name}, estimated {seconds / 60:.1f} min")
+
+    def _report_data(self) -> None:
+        """Print what each loader read and kept; log the counts on the parent."""
+        metrics: dict[str, float] = {}
+        for report in self.family.data_reports():
+            print(report.line())
+            for warning in report.warnings():
+                print(warning)
+            metrics.update(report.metrics())
+        if metrics:
+            self.tracker.log_metrics(self.tracker.parent_run_id, metrics)
+        self.tracker.log_datasets(self.tracker.parent_run_id, self.family.data_reports())
 
     def _run_grid(self, grid: list[dict[str, Any]]) -> None:
         waiting = []
@@ -177,16 +222,16 @@ class SweepRunner:
 
     def _reuse_trial_row(self, trial: optuna.trial.FrozenTrial) -> None:
         key = trial.user_attrs.get(KEY_TAG)
-        run = finished_condition(self.client, self.tracker.experiment_id, key) if key else None
+        params = self.family.search_params(trial.params)
+        run = self.finished(key, params) if key else None
         if run is not None:
-            self._add_row(self.family.search_params(trial.params), key, run.info.run_id,
-                          run.data.metrics, reused=True)
+            self._add_row(params, key, run.info.run_id, run.data.metrics, reused=True)
 
     # ------------------------------------------------------------------ one condition
     def _run_or_reuse(self, params: Mapping[str, Any]) -> bool:
         """Compute or reuse one grid condition; False when another worker holds it."""
         key = self.key_for(params)
-        existing = finished_condition(self.client, self.tracker.experiment_id, key)
+        existing = self.finished(key, params)
         if existing is not None:
             self._adopt_if_orphaned(existing)
             self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
@@ -226,7 +271,7 @@ class SweepRunner:
     def _compute(self, params: Mapping[str, Any], trial_number: int | None) -> dict[str, float]:
         """Metrics of a search proposal: reused when that condition already finished."""
         key = self.key_for(params)
-        existing = finished_condition(self.client, self.tracker.experiment_id, key)
+        existing = self.finished(key, params)
         if existing is not None:
             self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
             return dict(existing.data.metrics)
@@ -238,9 +283,14 @@ class SweepRunner:
         name = self.family.run_name(params)
         tags = {FAMILY_TAG: self.spec.family, KEY_TAG: key, "optuna.study": self.spec.study_name,
                 "lmlab.sweep": self.spec.name}
+        if self.family.output_params:
+            tags[OUTPUT_DIGESTS_TAG] = json.dumps(self.output_digests(params), sort_keys=True)
         if trial_number is not None:
             tags["optuna.trial"] = str(trial_number)
         run_id = self.tracker.start_child(name, params, tags)
+        identity = {**self.identity_for(params), "output_data": self.output_digests(params)}
+        self.tracker.log_text(run_id, json.dumps(identity, indent=1, default=str), "identity.json")
+        self.tracker.log_datasets(run_id, self.family.data_reports())
         self.ctx.run_id = run_id
         try:
             with closed_on_failure(self.tracker, run_id, f"condition {name}"):
@@ -300,6 +350,12 @@ class SweepRunner:
         if "summary" not in result.tables:
             self.tracker.log_table(parent, summary, "summary")
         self._log_result(parent, result)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @contextmanager
