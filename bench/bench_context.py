@@ -20,8 +20,8 @@ from typing import Any
 import mlflow
 import torch
 
-from lmlab.context.accounting import Ledger
-from lmlab.context.clients import LocalClient
+from lmlab.llm.accounting import Ledger
+from lmlab.llm.clients import LocalClient
 from lmlab.context.engine import EngineSettings, run_items
 from lmlab.context.family import ContextFamily
 from lmlab.context.rows import RowStore

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from lmlab.context.accounting import BudgetExceeded, CallRecord, Ledger, TokenRateLimiter
-from lmlab.context.clients import ClientConfig
-from lmlab.context.judge import parse_verdict
+from lmlab.llm.accounting import BudgetExceeded, CallRecord, Ledger, TokenRateLimiter
+from lmlab.llm.clients import ClientConfig
+from lmlab.llm.judge import parse_verdict
 from lmlab.errors import LmlabError
 
 

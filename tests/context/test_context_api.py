@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from context_helpers import api_subject, family_and_ctx, niah_spec
-from lmlab.context.accounting import BudgetExceeded
+from lmlab.llm.accounting import BudgetExceeded
 from lmlab.context.rows import RowStore
 from lmlab.errors import LmlabError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from lmlab.context.accounting import CallRecord, Ledger
-from lmlab.context.clients import CallFailure, Client, Reply, Request
+from lmlab.llm.accounting import CallRecord, Ledger
+from lmlab.llm.clients import CallFailure, Client, Reply, Request
 from lmlab.context.engine import Item, JudgeQuestion, run_items
 from lmlab.context.rows import RowStore
 from lmlab.context.scoring import accuracy_metrics

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from lmlab.context import longmemeval as lme
-from lmlab.context.accounting import CallRecord
-from lmlab.context.clients import Reply
+from lmlab.llm.accounting import CallRecord
+from lmlab.llm.clients import Reply
 from lmlab.errors import LmlabError
 from lmlab.sweeps.spec import parse_spec
 

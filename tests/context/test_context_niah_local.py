@@ -8,8 +8,8 @@ import pytest
 
 from context_helpers import family_and_ctx, niah_spec
 from lmlab.cache import content_key
-from lmlab.context.accounting import Ledger
-from lmlab.context.clients import LocalClient
+from lmlab.llm.accounting import Ledger
+from lmlab.llm.clients import LocalClient
 from lmlab.context.haystack import load_haystack, sentence_boundaries
 from lmlab.context.niah import build_prompt, load_needles
 from lmlab.context.rows import RowStore

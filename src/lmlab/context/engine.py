@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from lmlab.context.clients import CallFailure, Client, Reply, Request
-from lmlab.context.judge import judge_request, parse_verdict
+from lmlab.llm.clients import CallFailure, Client, Reply, Request
+from lmlab.llm.judge import judge_request, parse_verdict
 from lmlab.context.rows import FINISHED, RowStore
 
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import pandas as pd
 
 from lmlab.context import longmemeval, niah, repeated_words
-from lmlab.context.accounting import Ledger
-from lmlab.context.clients import Client, LiteLLMClient, make_client
+from lmlab.llm.accounting import Ledger
+from lmlab.llm.clients import Client, LiteLLMClient, make_client
 from lmlab.context.engine import EngineSettings, run_items, status_counts
 from lmlab.context.rows import RowStore
 from lmlab.context.scoring import accuracy_metrics, mean_of

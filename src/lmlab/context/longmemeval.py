@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from lmlab.cache import content_key
-from lmlab.context.clients import Client, Reply, Request
+from lmlab.llm.clients import Client, Reply, Request
 from lmlab.context.engine import Item, JudgeQuestion
 from lmlab.context.rows import cell_id
 from lmlab.context.scoring import contains_answer

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from lmlab.cache import content_key
-from lmlab.context.clients import Client, Reply, Request
+from lmlab.llm.clients import Client, Reply, Request
 from lmlab.context.engine import Item, JudgeQuestion
 from lmlab.context.haystack import BUNDLED, Haystack, bundled_dir, Placement, Sized, load_haystack, place, size_prompt
 from lmlab.context.rows import cell_id

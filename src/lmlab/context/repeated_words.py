@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lmlab.context.clients import Client, Reply, Request
+from lmlab.llm.clients import Client, Reply, Request
 from lmlab.context.engine import Item
 from lmlab.context.rows import cell_id
 from lmlab.errors import LmlabError

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from lmlab.context.clients import ClientConfig
+from lmlab.llm.clients import ClientConfig
 from lmlab.errors import LmlabError
 
 TASKS = ("niah", "longmemeval", "repeated_words")

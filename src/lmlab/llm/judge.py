@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from lmlab.context.clients import Request
+from lmlab.llm.clients import Request
 
 JUDGE_MAX_TOKENS = 64
 _PROMPT = """You grade answers. Compare the model's answer with the reference answer.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from lmlab.context.accounting import BudgetExceeded, CallRecord, Ledger, Role, TokenRateLimiter
+from lmlab.llm.accounting import BudgetExceeded, CallRecord, Ledger, Role, TokenRateLimiter
 from lmlab.errors import LmlabError
 
 LOCAL = "local"
