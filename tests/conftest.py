@@ -5,6 +5,7 @@ Tests must not change these models; hooks are removed by the code under test.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "entrypoints"))
 # Tiny models gain nothing from intra-op threads, and on a shared CPU extra threads
 # spin-wait on each other (a 3-layer forward goes from ~5 ms to ~0.5 s).
 torch.set_num_threads(1)
+os.environ.setdefault("LMLAB_THREADS", "1")  # sweeps run in tests set threads from this
 
 TINY_ARCHS = ("llama", "qwen2", "gemma", "gpt2")
 _BUILT: dict[str, LoadedModel] = {}

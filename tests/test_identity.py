@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from lmlab import __version__
@@ -201,3 +202,43 @@ def test_every_child_logs_its_inputs_as_mlflow_datasets(store: Path, data_dir: P
     assert set(identity["data"]) == {"harm_train", "harmless_train"}
     assert identity["model"]["device_type"] == "cpu"
     assert run.data.tags[KEY_TAG]
+
+
+# ------------------------------------------------------------------ runtime threads
+
+def test_threads_come_from_the_environment_then_the_spec_then_physical_cores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmlab.runtime import RuntimeSpec, physical_cores, resolve_threads
+
+    monkeypatch.delenv("LMLAB_THREADS", raising=False)
+    assert resolve_threads(RuntimeSpec()) == (physical_cores(), "physical cores")
+    assert resolve_threads(RuntimeSpec(threads=3)) == (3, "runtime.threads")
+    monkeypatch.setenv("LMLAB_THREADS", "5")
+    assert resolve_threads(RuntimeSpec(threads=3)) == (5, "LMLAB_THREADS")
+
+
+def test_a_bad_thread_count_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmlab.errors import LmlabError
+    from lmlab.runtime import RuntimeSpec, resolve_threads
+
+    with pytest.raises(LmlabError, match="runtime.threads"):
+        RuntimeSpec.from_dict({"threads": "four"})
+    monkeypatch.setenv("LMLAB_THREADS", "many")
+    with pytest.raises(LmlabError, match="LMLAB_THREADS"):
+        resolve_threads(RuntimeSpec())
+
+
+def test_the_thread_count_is_logged_on_the_parent_and_is_not_part_of_any_key(
+        store: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_runs(monkeypatch)
+    spec = tiny_spec(data_dir)
+    outcome = run_sweep(spec)
+    parent = MlflowClient().get_run(outcome.parent_run_id)
+    assert parent.data.params["runtime.threads"] == "1"
+    threaded = parse_spec({**spec.source, "runtime": {"threads": 2}})
+    monkeypatch.delenv("LMLAB_THREADS")
+    try:
+        run_sweep(threaded)
+    finally:
+        torch.set_num_threads(1)  # keep the rest of the test session single-threaded
+    assert len(calls) == 2 and threaded.study_name == spec.study_name

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lmlab.cache import DiskCache
 from lmlab.errors import LmlabError
 from lmlab.identity import condition_identity, model_identity, path_digest
+from lmlab.runtime import apply_threads
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, family_for
 from lmlab.sweeps.locks import ConditionLock
 from lmlab.sweeps.spec import SweepSpec
@@ -393,13 +394,15 @@ def start_parent(client: MlflowClient, spec: SweepSpec, experiment_name: str | N
 
 def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutcome:
     family = family_for(spec)
+    threads, threads_source = apply_threads(spec.runtime)
     client = ensure_store()
     store = store_dir()
     parent_id, experiment_id = start_parent(client, spec, experiment_name)
     tracker_tags = {FAMILY_TAG: spec.family, "lmlab.sweep": spec.name, "lmlab.spec_digest": spec.digest,
                     "optuna.study": spec.study_name, "lmlab.role": "sweep", **owner_tags()}
     runner = SweepRunner(spec, family, client, experiment_id, parent_id, store)
-    runner.tracker.set_tags(parent_id, tracker_tags)
+    runner.tracker.set_tags(parent_id, {**tracker_tags, "lmlab.threads_source": threads_source})
+    runner.tracker.log_params(parent_id, {"runtime.threads": threads})
     runner.tracker.log_text(parent_id, _spec_yaml(spec), "spec.yaml")
     with closed_on_failure(runner.tracker, parent_id, f"sweep {spec.name}"):
         outcome = runner.run()

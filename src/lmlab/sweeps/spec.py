@@ -3,7 +3,7 @@
 Common keys (validated here): ``family``, ``name``, ``description``, ``model``, ``grid``
 (each key a list; the conditions are their product), ``search`` (an Optuna search
 instead of a grid), ``storage`` (Optuna storage URL; default a journal file beside the
-tracking store) and ``test_mode``. Family settings live under the family's own key,
+tracking store), ``test_mode`` and ``runtime`` (``threads``). Family settings live under the family's own key,
 e.g. ``steering: {...}``, and the family validates them.
 """
 
@@ -19,9 +19,13 @@ import yaml
 
 from lmlab.errors import LmlabError
 from lmlab.models import ModelSpec
+from lmlab.runtime import RuntimeSpec
 from lmlab.tracking import canonical_value, condition_key
 
-COMMON_KEYS = {"family", "name", "description", "model", "grid", "search", "storage", "test_mode"}
+COMMON_KEYS = {"family", "name", "description", "model", "grid", "search", "storage", "test_mode",
+               "runtime"}
+# Keys of a spec that cannot change what it computes (left out of the spec's digest).
+_OPERATIONAL_KEYS = ("description", "storage", "runtime")
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,13 @@ class SweepSpec:
     description: str = ""
     storage: str | None = None
     test_mode: bool = False
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
-        """Identity of what the spec computes (description and storage excluded)."""
-        ident = {k: v for k, v in self.source.items() if k not in ("description", "storage")}
+        """Identity of what the spec computes (description, storage and runtime excluded)."""
+        ident = {k: v for k, v in self.source.items() if k not in _OPERATIONAL_KEYS}
         return condition_key(ident)
 
     @property
@@ -138,7 +143,8 @@ def parse_spec(raw: Any, origin: str = "spec") -> SweepSpec:
         family=family, name=name.strip(), model=ModelSpec.from_dict(raw.get("model")),
         grid=dict(grid) if grid else None, search=search, settings=dict(settings),
         description=str(raw.get("description", "")), storage=raw.get("storage"),
-        test_mode=bool(raw.get("test_mode", False)), source=canonical_value(dict(raw)),
+        test_mode=bool(raw.get("test_mode", False)), runtime=RuntimeSpec.from_dict(raw.get("runtime")),
+        source=canonical_value(dict(raw)),
     )
 
 
