@@ -63,3 +63,14 @@ def test_rows_have_nonempty_prompt_and_category(data, split):
     for row in data[split]:
         for key in ("prompt", "category"):
             assert isinstance(row.get(key), str) and row[key].strip(), row
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_bundled_split_loads_whole_with_its_own_ids(data, split):
+    from lmlab.data.prompts import load_prompt_set
+
+    rows, report = load_prompt_set(f"bundled:{split}", split)
+    assert report.rows_read == report.rows_kept == len(data[split])
+    assert not any(report.dropped.values()) and not report.notes
+    assert [(r.id, r.prompt, r.category) for r in rows] == [
+        (d["id"], d["prompt"], d["category"]) for d in data[split]]

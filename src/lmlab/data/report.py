@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_EXAMPLES = 3  # locations kept per drop reason
+
 
 @dataclass
 class DataReport:
@@ -23,6 +25,12 @@ class DataReport:
     dropped: records left out, by reason (``duplicate``, ``empty``, ``malformed``, ...).
     requested: how many records the settings asked for, when that is a fixed number.
     unit: what a row is (``prompts``, ``chains``, ``files``...).
+    notes: sentences the user should read (which column was used, ids made unique...).
+    examples: where the first few dropped records of each reason were (``line 7``), so the
+    console line says what to fix in the file.
+
+    A reason dropped 0 times is kept (``drop(reason, 0)``) and logged as a 0 metric, so a
+    run shows that the check ran; the console line shows only reasons that dropped rows.
     """
 
     name: str
@@ -34,9 +42,15 @@ class DataReport:
     requested: int | None = None
     unit: str = "rows"
     notes: list[str] = field(default_factory=list)
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def drop(self, reason: str, count: int = 1) -> None:
+    def drop(self, reason: str, count: int = 1, where: str | None = None) -> None:
         self.dropped[reason] += count
+        if where is None or not count:
+            return
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(where)
 
     @property
     def shortfall(self) -> int:
@@ -45,20 +59,34 @@ class DataReport:
             return 0
         return max(self.requested - self.rows_kept, 0)
 
+    def summary(self) -> str:
+        """Counts in words: ``12 prompts read, 9 kept, dropped 2 empty (line 3, line 8), ...``."""
+        text = f"{self.rows_read} {self.unit} read, {self.rows_kept} kept"
+        dropped = [self._dropped_words(reason, n)
+                   for reason, n in sorted(self.dropped.items()) if n]
+        return text + (f", dropped {', '.join(dropped)}" if dropped else "")
+
+    def _dropped_words(self, reason: str, count: int) -> str:
+        where = self.examples.get(reason, [])
+        if not where:
+            return f"{count} {reason}"
+        more = ", ..." if count > len(where) else ""
+        return f"{count} {reason} ({', '.join(where)}{more})"
+
     def line(self) -> str:
         """One console line: what was read and what happened to it."""
-        dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items()) if n)
-        text = (f"data {self.name}: {self.source} ({self.digest}): {self.rows_read} {self.unit} "
-                f"read, {self.rows_kept} kept" + (f", dropped {dropped}" if dropped else ""))
+        text = f"data {self.name}: {self.source} ({self.digest}): {self.summary()}"
         if self.requested is not None:
             text += f"; {self.requested} requested"
         return text
 
     def warnings(self) -> list[str]:
-        out = list(self.notes)
+        """Lines to print after :meth:`line`: the notes, then a shortfall warning."""
+        out = [f"note: {self.name}: {note}" for note in self.notes]
         if self.shortfall:
             out.append(f"warning: {self.name} asked for {self.requested} {self.unit} but "
-                       f"{self.source} has only {self.rows_kept} usable; using {self.rows_kept}")
+                       f"{self.source} has only {self.rows_kept} usable ({self.summary()}); "
+                       f"using {self.rows_kept}, {self.shortfall} short")
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -75,4 +103,5 @@ class DataReport:
         """The summary MLflow stores with the dataset (shown in the run's Datasets)."""
         return {"rows_read": self.rows_read, "rows_kept": self.rows_kept,
                 "duplicates_removed": int(self.dropped.get("duplicate", 0)),
-                "dropped": dict(self.dropped), "requested": self.requested, "unit": self.unit}
+                "dropped": dict(self.dropped), "dropped_at": self.examples,
+                "requested": self.requested, "shortfall": self.shortfall, "unit": self.unit}
