@@ -12,6 +12,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmlab.hooks import Edit, Positions, padded_positions, residual_hooks
 from lmlab.models import LoadedModel
@@ -70,6 +71,31 @@ def _split_completion(ids: list[int], eos: set[int]) -> tuple[list[int], StopRea
     return ids, "length"
 
 
+class RowSampler(LogitsProcessor):
+    """Temperature sampling with one generator per row, as a processor before greedy choice.
+
+    Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). The
+    noise comes from the row's own generator, one vocabulary-sized draw per step, so a
+    row's tokens depend only on its seed and its own logits. Every other token is set to
+    -inf, so the greedy step that follows picks the drawn one.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float) -> None:
+        self.seeds = list(seeds)
+        self.temperature = temperature
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.generators:
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                               for g in self.generators])  # (rows, vocab)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        picks = (scores.float() / self.temperature + gumbel).argmax(dim=-1)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter(1, picks[:, None], 0.0)
+
+
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
@@ -78,8 +104,14 @@ def generate(
     edits: Mapping[int, Edit] | None = None,
     positions: Positions = "all",
     progress: str | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[Completion]:
-    """Generate a completion for each already-formatted prompt string."""
+    """Generate a completion for each already-formatted prompt string.
+
+    ``row_seeds`` (sampling only): one seed per prompt. Each row then samples from its
+    own generator, so its draws depend on its seed alone, not on the batch it lands in."""
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
     tokenizer = lm.tokenizer
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -92,7 +124,11 @@ def generate(
         prompt_len = batch.input_ids.shape[1]
         sampling = {"do_sample": True, "temperature": config.temperature} if config.do_sample \
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if config.do_sample:
+        if config.do_sample and row_seeds is not None:
+            sampler = RowSampler([row_seeds[i] for i in rows], config.temperature)
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                        "logits_processor": LogitsProcessorList([sampler])}
+        elif config.do_sample:
             torch.manual_seed(config.seed + batch_index)
         with residual_hooks(lm, edits, positions=positions, prompt_len=prompt_len):
             out = lm.model.generate(

@@ -11,7 +11,7 @@ from lmlab.cache import content_key
 from lmlab.llm.accounting import Ledger
 from lmlab.llm.clients import LocalClient
 from lmlab.context.haystack import load_haystack, sentence_boundaries
-from lmlab.context.niah import build_prompt, load_needles
+from lmlab.context.niah import PLACEMENT_VERSION, build_prompt, load_needles
 from lmlab.context.rows import RowStore
 from lmlab.errors import LmlabError
 
@@ -20,6 +20,8 @@ def recipe(length: int, depth: float, needle: str = "compass", **extra: object) 
     hay = load_haystack()
     base = {"task": "niah", "v": 1, "source": hay.source_id, "needles": "x", "order": "sequential",
             "seed": 0, "length": length, "depth": depth, "needle": needle, "distractors": 0}
+    if extra.get("distractors"):
+        base["placement"] = PLACEMENT_VERSION
     return {**base, **extra}
 
 
@@ -67,7 +69,7 @@ def test_bundled_haystack_has_about_eight_thousand_words_of_tokens() -> None:
 
 def test_empty_haystack_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "notes.md").write_text("not a txt file")
-    with pytest.raises(LmlabError, match="no text"):
+    with pytest.raises(LmlabError, match="no usable text"):
         load_haystack(str(tmp_path))
 
 

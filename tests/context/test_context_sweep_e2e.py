@@ -43,6 +43,12 @@ def test_niah_sweep_through_the_runner_never_records_the_key(served, proxy_facto
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = client.get_run(outcome.parent_run_id)
     assert "effective_length" in parent.data.metrics
+    assert parent.data.metrics["effective_length_n"] == 2  # two needles, the clusters
+    # what the loaders read is on the console, in the parent's metrics and its datasets
+    assert "data haystack: bundled" in out and "data needles: bundled" in out
+    assert parent.data.metrics["data/haystack/rows_kept"] == 6
+    assert parent.data.metrics["data/needles/rows_read"] == 8
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"haystack", "needles"}
     children = client.search_runs([outcome.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)

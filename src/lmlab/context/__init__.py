@@ -1,7 +1,8 @@
 """Long-context degradation: needle in a haystack, LongMemEval focused vs full, repeated words.
 
-Layout: ``clients`` (local model or any LiteLLM model behind one interface, with call
-accounting, limits and retries), ``rows`` (the resumable row store keyed by cell id),
-``engine`` (send only unfinished cells, score, judge, write rows), one module per task
-(``niah``, ``longmemeval``, ``repeated_words``) and ``family`` (the sweep plug-in).
+Layout: ``rows`` (the resumable row store keyed by cell id), ``engine`` (send only
+unfinished cells, score, judge, write rows), ``scoring`` (whole-word answer matching),
+one module per task (``niah`` with ``haystack``, ``longmemeval``, ``repeated_words``),
+each with loaders that report what they read, and ``family`` (the sweep plug-in). The
+chat clients, call accounting and the judge live in :mod:`lmlab.llm`.
 """

@@ -5,7 +5,8 @@ keeps everything it finished. A reply whose provider-reported prompt tokens fall
 short of the tokens we built is flagged ``truncated`` (a server cut the context) and
 left unscored; a prompt that cannot fit the model's context is flagged ``over_context``
 without a call; a call that failed after its retries is an ``error`` row, retried by
-the next run.
+the next run. A done row scored by an older version of the deterministic scorers is
+rescored from its stored response when it is reused (no new call).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from lmlab.llm.accounting import CallRecord
 from lmlab.llm.clients import CallFailure, Client, Reply, Request
 from lmlab.llm.judge import judge_request, parse_verdict
 from lmlab.context.rows import FINISHED, RowStore
+from lmlab.context.scoring import SCORING_VERSION
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Outcome:
     sent: int = 0
     reused: int = 0
     judged: int = 0
+    rescored: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,24 @@ def answer_row(item: Item, result: Reply | CallFailure, tolerance: float) -> dic
     if reported < (1 - tolerance) * item.built_tokens:
         return {**row, "status": "truncated",
                 "flag": f"provider saw {reported} prompt tokens of {item.built_tokens} built"}
-    return {**row, "status": "done", **item.score(result)}
+    return {**row, "status": "done", "scoring": SCORING_VERSION, **item.score(result)}
+
+
+def stored_reply(row: Mapping[str, Any]) -> Reply:
+    """The reply a done row recorded, rebuilt for scoring it again."""
+    return Reply(row.get("response") or "", row.get("stop_reason") or "unknown",
+                 CallRecord(**row["call"]), row.get("reasoning"))
+
+
+def rescore_stale(items: Mapping[str, Item], finished: Mapping[str, Mapping[str, Any]],
+                  store: RowStore) -> int:
+    """Rescore done rows scored under an older scoring version; returns how many."""
+    stale = [row for row in finished.values()
+             if row.get("status") == "done" and row.get("scoring") != SCORING_VERSION]
+    for row in stale:
+        item = items[row["cell_id"]]
+        store.put({**row, "scoring": SCORING_VERSION, **item.score(stored_reply(row))})
+    return len(stale)
 
 
 def run_items(items: Sequence[Item], client: Client, store: RowStore,
@@ -83,7 +104,7 @@ def run_items(items: Sequence[Item], client: Client, store: RowStore,
     by_key = {item.cell_id: item for item in items}
     finished = store.finished(by_key)
     todo = [item for item in by_key.values() if item.cell_id not in finished]
-    outcome = Outcome(rows=[], reused=len(finished))
+    outcome = Outcome(rows=[], reused=len(finished), rescored=rescore_stale(by_key, finished, store))
     window = client.context_window
     sendable = []
     for item in todo:

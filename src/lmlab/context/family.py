@@ -17,20 +17,22 @@ import pandas as pd
 
 from lmlab.context import longmemeval, niah, repeated_words
 from lmlab.llm.accounting import Ledger
-from lmlab.llm.clients import Client, LiteLLMClient, make_client
+from lmlab.llm.clients import LOCAL, LOCAL_SAMPLER, Client, LiteLLMClient, make_client
 from lmlab.context.engine import EngineSettings, run_items, status_counts
 from lmlab.context.rows import RowStore
-from lmlab.context.scoring import accuracy_metrics, mean_of
+from lmlab.context.scoring import SCORING_VERSION, accuracy_metrics, mean_of
 from lmlab.context.settings import ContextSettings, build_task_settings
+from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 from lmlab.tracking import condition_key
 
 _ROW_COLUMNS = ("cell_id", "status", "flag", "target_tokens", "built_tokens", "reported_tokens",
-                "depth", "depth_actual", "needle", "question_id", "question_type", "variant",
-                "abstention", "words", "index", "correct", "judge_verdict", "judge_flag",
-                "levenshtein_score", "modified_word_present", "correct_position", "delta",
-                "modified_word_position", "category", "stop_reason", "error_kind", "response")
+                "depth", "depth_actual", "distractor_depths", "needle", "question_id",
+                "question_type", "variant", "abstention", "words", "index", "correct",
+                "judge_verdict", "judge_flag", "levenshtein_score", "modified_word_present",
+                "correct_position", "delta", "modified_word_position", "category", "stop_reason",
+                "error_kind", "response")
 
 
 def stratified_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -74,10 +76,27 @@ class ContextFamily(Family):
 
     # ------------------------------------------------------------ conditions
     def settings_identity(self) -> Any:
-        return self.settings.identity()
+        """The settings, plus the versions of the methods that turn them into results
+        (scoring, the task's layout of samples and distractors, the local sampler), so a
+        run computed under an older method is not reused as if it were current."""
+        methods: dict[str, Any] = {"scoring": SCORING_VERSION, **self.task.identity()}
+        subject = self.settings.subject
+        if subject.model == LOCAL and subject.temperature > 0:
+            methods["local_sampler"] = LOCAL_SAMPLER
+        return {**self.settings.identity(), "methods": methods}
 
     def data_inputs(self) -> dict[str, Path]:
         return self.task.data_inputs()
+
+    def data_reports(self) -> list[DataReport]:
+        """One report per input: haystack files and needles (niah), LongMemEval instances
+        or CSV rows; read, kept and dropped by reason, with a warning per skipped kind."""
+        reports = self.task.data_reports()
+        samples = self.settings.test_samples if self.spec.test_mode else self.settings.samples
+        for report in reports:
+            if report.name == "needles" or (report.name.startswith("longmemeval") and samples):
+                report.requested = samples
+        return reports
 
     def conditions(self) -> list[dict[str, Any]]:
         points = self.spec.grid_points()
@@ -177,7 +196,8 @@ class ContextFamily(Family):
             self.spent_usd += ledger.spent_usd
         rows = outcome.rows
         metrics = {**status_counts(rows), **ledger.metrics(), "rows_reused": float(outcome.reused),
-                   "rows_sent": float(outcome.sent), **self._task_metrics(rows)}
+                   "rows_sent": float(outcome.sent), "rows_rescored": float(outcome.rescored),
+                   **self._task_metrics(rows)}
         print(f"{self.run_name(params)}: {len(rows)} rows ({outcome.reused} reused, "
               f"{outcome.sent} sent) | {ledger.line()}")
         tags = {"context.task": self.settings.task, "context.subject": self.settings.subject.model,
@@ -209,23 +229,43 @@ class ContextFamily(Family):
         if summary.empty:
             return ConditionResult(metrics=metrics)
         if self.settings.task == "niah":
-            extra, figures, tables = niah.summarize(summary, self.settings.accuracy_threshold)
+            extra, figures, tables = niah.summarize(summary, self._stored_rows(ctx, summary),
+                                                    self.settings.accuracy_threshold)
         elif self.settings.task == "repeated_words":
             extra, figures, tables = repeated_words.summarize(summary)
         else:
             extra, figures, tables = self._summarize_longmemeval(ctx, summary)
         return ConditionResult(metrics={**metrics, **extra}, figures=figures, tables=tables)
 
-    def _summarize_longmemeval(self, ctx: SweepContext, summary: pd.DataFrame):  # type: ignore[no-untyped-def]
+    def _summarised_conditions(self, summary: pd.DataFrame) -> list[dict[str, Any]]:
+        """The spec's conditions (with their exact param types, which the cell ids hash)
+        that appear in the summary; numbers compare by value (a table may turn 50 into 50.0)."""
+        def point(values: Mapping[str, Any], keys: list[str]) -> tuple[Any, ...]:
+            return tuple(float(values[k]) if isinstance(values[k], (int, float))
+                         and not isinstance(values[k], bool) else values[k] for k in keys)
+
+        conditions = self.conditions()
+        keys = [k for k in conditions[0] if k in summary.columns] if conditions else []
+        present = {point(row, keys) for row in summary[keys].to_dict("records")}
+        return [c for c in conditions if point(c, keys) in present]
+
+    def _stored_rows(self, ctx: SweepContext, summary: pd.DataFrame) -> list[dict[str, Any]]:
+        """Every stored row of the summarised conditions (the parent pools them)."""
         if self.client is None or self.store is None:
             self.prepare(ctx)
         assert self.client is not None and self.store is not None
         ids: list[str] = []
-        for _, row in summary.iterrows():
-            params = {"variant": row["variant"], "samples": int(row["samples"])}
+        for params in self._summarised_conditions(summary):
             ids += self.task.cell_ids(params, self.client.identity, self.decoding)
-        rows = list(self.store.get(ids).values())
-        metrics, per_type = longmemeval.paired_summary(rows)
+        rows = self.store.get(ids)
+        if len(rows) < len(ids):
+            print(f"warning: {len(ids) - len(rows)} of {len(ids)} rows of the summarised conditions "
+                  f"are not in the row store {self.store.path}; the parent's pooled rates use "
+                  f"the {len(rows)} found")
+        return list(rows.values())
+
+    def _summarize_longmemeval(self, ctx: SweepContext, summary: pd.DataFrame):  # type: ignore[no-untyped-def]
+        metrics, per_type = longmemeval.paired_summary(self._stored_rows(ctx, summary))
         if per_type.empty:
             return metrics, {}, {}
         return metrics, {"longmemeval_per_type": longmemeval.summary_figure(per_type)}, \
@@ -239,6 +279,8 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         record = {k: row.get(k) for k in _ROW_COLUMNS if k in row}
         if isinstance(record.get("response"), str):
             record["response"] = record["response"][:300]
+        if isinstance(record.get("distractor_depths"), list):
+            record["distractor_depths"] = " ".join(f"{d:g}" for d in record["distractor_depths"])
         for k, v in (row.get("call") or {}).items():
             record[f"call_{k}"] = v
         records.append(record)

@@ -12,12 +12,14 @@ accuracies are compared per question (paired difference with a bootstrap interva
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
@@ -26,7 +28,9 @@ from lmlab.llm.clients import Client, Reply, Request
 from lmlab.context.engine import Item, JudgeQuestion
 from lmlab.context.rows import cell_id
 from lmlab.context.scoring import contains_answer
+from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
+from lmlab.identity import file_digest
 from lmlab.stats import paired_difference, rate
 
 TASK = "longmemeval"
@@ -82,79 +86,212 @@ def render(instance: Mapping[str, Any], variant: str) -> str:
             "Answer:")
 
 
-def _check_instance(instance: Any, index: int, origin: str) -> None:
+def instance_problem(instance: Any) -> tuple[str, str] | None:
+    """Why an official instance cannot be used, as (reason, detail); None when it can."""
     if not isinstance(instance, Mapping):
-        raise LmlabError(f"{origin}: instance {index} is not an object")
+        return "malformed", "not an object"
     missing = [key for key in _REQUIRED if key not in instance]
     if missing:
-        raise LmlabError(f"{origin}: instance {index} lacks {', '.join(missing)}")
+        return "malformed", f"lacks {', '.join(missing)}"
     sessions = instance["haystack_sessions"]
     if not isinstance(sessions, list) or not all(
             isinstance(s, list) and all(isinstance(t, Mapping) and "role" in t and "content" in t
                                         for t in s) for s in sessions):
-        raise LmlabError(f"{origin}: instance {index} haystack_sessions must be a list of "
-                         "sessions, each a list of {role, content} turns")
+        return "malformed", ("haystack_sessions must be a list of sessions, each a list of "
+                             "{role, content} turns")
+    for key in ("haystack_session_ids", "haystack_dates", "answer_session_ids"):
+        if key in instance and not isinstance(instance[key], list):
+            return "malformed", f"{key} must be a list"
     for key in ("haystack_session_ids", "haystack_dates"):
         if key in instance and len(instance[key]) != len(sessions):
-            raise LmlabError(f"{origin}: instance {index} {key} has {len(instance[key])} "
-                             f"entries for {len(sessions)} sessions")
+            return "malformed", f"{key} has {len(instance[key])} entries for {len(sessions)} sessions"
+    if not str(instance["question"]).strip() or not str(instance["answer"]).strip():
+        return "empty", "empty question or answer"
+    return None
 
 
-def load_official(path: Path) -> list[Question]:
+def _decode(path: Path, what: str) -> str:
     if not path.is_file():
-        raise LmlabError(f"LongMemEval file not found: {path}")
+        raise LmlabError(f"{what} not found: {path}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise LmlabError(f"{what} {path} is not UTF-8 text (byte {error.object[error.start]:#04x} "
+                         f"at offset {error.start}); re-save it as UTF-8") from error
+
+
+def _skip_notes(report: DataReport, origin: str, first: Mapping[str, str]) -> None:
+    report.notes += [f"warning: {origin}: skipped {report.dropped[reason]} {reason} "
+                     f"{report.unit}, first {detail}" for reason, detail in first.items()]
+
+
+def _no_usable(origin: str, report: DataReport, first: Mapping[str, str]) -> LmlabError:
+    why = "; ".join(f"{report.dropped[r]} {r} (first {d})" for r, d in first.items())
+    return LmlabError(f"{origin} has no usable {report.unit} ({why or 'empty'})")
+
+
+def read_official(path: Path, name: str = "longmemeval") -> tuple[list[Question], str, DataReport]:
+    """Questions of an official JSON file, its digest, and what happened to each instance.
+
+    A malformed or empty instance, or a repeated ``question_id``, is skipped with a counted
+    reason; only a file that is not a JSON list, or has no usable instance, is an error.
+    """
+    # Newlines read as open() in text mode does, so the digest is the one read_text gives.
+    text = _decode(path, "LongMemEval file").replace("\r\n", "\n").replace("\r", "\n")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
         raise LmlabError(f"LongMemEval file {path} is not valid JSON: {error}") from error
-    if not isinstance(raw, list) or not raw:
+    if not isinstance(raw, list):
         raise LmlabError(f"LongMemEval file {path} must be a non-empty JSON list of instances")
-    questions = []
+    report = DataReport(name=name, source=str(path), digest=file_digest(path),
+                        rows_read=len(raw), unit="instances")
+    questions: list[Question] = []
+    seen: set[str] = set()
+    first: dict[str, str] = {}
     for index, instance in enumerate(raw):
-        _check_instance(instance, index, str(path))
+        problem = instance_problem(instance)
+        if problem is None and str(instance["question_id"]) in seen:
+            problem = "duplicate", f"question_id {instance['question_id']!r} repeated"
+        if problem is not None:
+            report.drop(problem[0])
+            first.setdefault(problem[0], f"instance {index}: {problem[1]}")
+            continue
+        seen.add(str(instance["question_id"]))
         questions.append(Question(str(instance["question_id"]), str(instance["question_type"]),
                                   str(instance["question"]), str(instance["answer"]),
                                   {v: render(instance, v) for v in VARIANTS}))
-    return questions
+    report.rows_kept = len(questions)
+    _skip_notes(report, f"LongMemEval file {path}", first)
+    if not questions:
+        raise _no_usable(f"LongMemEval file {path} (a non-empty JSON list of instances)",
+                         report, first)
+    return questions, content_key(text), report
 
 
-def load_csvs(paths: Mapping[str, str]) -> list[Question]:
-    """The earlier project's CSVs: one per variant, joined on ``custom_id``."""
-    frames = {}
+def load_official(path: Path) -> list[Question]:
+    """The questions of :func:`read_official`, for callers that need no report."""
+    return read_official(path)[0]
+
+
+@dataclass
+class _CsvRows:
+    rows: dict[str, dict[str, str]]  # custom_id -> row, first occurrence kept
+    report: DataReport
+    first: dict[str, str]  # reason -> first example
+
+
+def _csv_records(text: str) -> Iterator[tuple[int, list[str] | None]]:
+    """(line number, fields) of each CSV record; fields None for a record csv cannot parse."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield reader.line_num, None
+            continue
+        yield reader.line_num, fields
+
+
+def _read_variant_csv(path: Path, variant: str) -> _CsvRows:
+    """One of the earlier project's CSVs: every record counted, bad ones skipped."""
+    text = _decode(path, "LongMemEval CSV")
+    column = f"{variant}_prompt"
+    report = DataReport(name=f"longmemeval_{variant}", source=str(path), digest=file_digest(path),
+                        unit="rows")
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # full prompts exceed csv's 128 KiB default
+    try:
+        records = _csv_records(text)
+        header = next(([f.strip() for f in fields] for _, fields in records if fields), None)
+        missing = [c for c in ("custom_id", "question", "answer", column) if c not in (header or [])]
+        if header is None or missing:
+            raise LmlabError(f"LongMemEval CSV {path} lacks column(s) {missing or [column]}")
+        out = _CsvRows({}, report, {})
+        for line, fields in records:
+            if fields == []:
+                continue  # a blank line is no record
+            report.rows_read += 1
+            reason, detail = _csv_problem(fields, header, column, out.rows)
+            if reason:
+                report.drop(reason)
+                out.first.setdefault(reason, f"line {line}: {detail}")
+                continue
+            assert fields is not None
+            row = dict(zip(header, fields))
+            out.rows[row["custom_id"].strip()] = row
+    finally:
+        csv.field_size_limit(limit)
+    return out
+
+
+def _csv_problem(fields: list[str] | None, header: list[str], column: str,
+                 kept: Mapping[str, Any]) -> tuple[str, str]:
+    if fields is None or len(fields) != len(header):
+        count = "unparsable" if fields is None else f"{len(fields)} fields for {len(header)} columns"
+        return "malformed", count
+    row = dict(zip(header, fields))
+    empty = [c for c in ("custom_id", "question", "answer", column) if not row[c].strip()]
+    if empty:
+        return "empty", f"empty {', '.join(empty)}"
+    if row["custom_id"].strip() in kept:
+        return "duplicate", f"custom_id {row['custom_id'].strip()!r} repeated"
+    return "", ""
+
+
+def read_csvs(paths: Mapping[str, str]) -> tuple[list[Question], str, list[DataReport]]:
+    """The earlier project's CSVs: one per variant, joined on ``custom_id``.
+
+    Rows whose id is missing from another variant's CSV are dropped as ``unpaired``
+    (the design compares variants on the same questions)."""
+    read: dict[str, _CsvRows] = {}
     for variant, path in paths.items():
         if variant not in VARIANTS:
             raise LmlabError(f"LongMemEval CSVs are keyed focused/full, not {variant!r}")
-        try:
-            frame = pd.read_csv(path)
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-            raise LmlabError(f"LongMemEval CSV {path} could not be read: {error}") from error
-        column = f"{variant}_prompt"
-        missing = [c for c in ("custom_id", "question", "answer", column) if c not in frame]
-        if missing:
-            raise LmlabError(f"LongMemEval CSV {path} lacks column(s) {missing}")
-        frames[variant] = frame.set_index("custom_id")
-    ids = sorted(set.intersection(*(set(f.index.astype(str)) for f in frames.values())))
+        read[variant] = _read_variant_csv(Path(path).expanduser(), variant)
+    ids = sorted(set.intersection(*(set(r.rows) for r in read.values())))
+    for variant, part in read.items():
+        unpaired = [qid for qid in part.rows if qid not in ids]
+        if unpaired:
+            part.report.drop("unpaired", len(unpaired))
+            part.first.setdefault("unpaired", f"custom_id {unpaired[0]!r} (not in the other CSV)")
+        part.report.rows_kept = len(ids)
+        _skip_notes(part.report, f"LongMemEval CSV {paths[variant]}", part.first)
     if not ids:
-        raise LmlabError("LongMemEval CSVs share no custom_id")
-    first = next(iter(frames.values()))
-    first.index = first.index.astype(str)
-    for frame in frames.values():
-        frame.index = frame.index.astype(str)
-    return [Question(qid, str(first.loc[qid].get("question_type", "unknown")),
-                     str(first.loc[qid, "question"]), str(first.loc[qid, "answer"]),
-                     {v: str(f.loc[qid, f"{v}_prompt"]) for v, f in frames.items()})
-            for qid in ids]
+        first = next(iter(read.values()))
+        raise _no_usable(f"LongMemEval CSVs {', '.join(map(str, paths.values()))} (joined on "
+                         "custom_id)", first.report, first.first)
+    base = next(iter(read.values())).rows
+    questions = [Question(qid, base[qid].get("question_type", "").strip() or "unknown",
+                          base[qid]["question"], base[qid]["answer"],
+                          {v: part.rows[qid][f"{v}_prompt"] for v, part in read.items()})
+                 for qid in ids]
+    digest = content_key([(q.question_id, dict(q.prompts)) for q in questions])
+    return questions, digest, [part.report for part in read.values()]
+
+
+def load_csvs(paths: Mapping[str, str]) -> list[Question]:
+    """The questions of :func:`read_csvs`, for callers that need no report."""
+    return read_csvs(paths)[0]
+
+
+def read_questions(data: Any) -> tuple[list[Question], str, list[DataReport]]:
+    """Questions, their digest and one report per input file."""
+    if data in (None, BUNDLED):
+        questions, digest, report = read_official(bundled_path())
+        report.source = BUNDLED
+        return questions, digest, [report]
+    if isinstance(data, Mapping):
+        return read_csvs({str(k): str(v) for k, v in data.items()})
+    questions, digest, report = read_official(Path(str(data)).expanduser())
+    return questions, digest, [report]
 
 
 def load_questions(data: Any) -> tuple[list[Question], str]:
-    if data in (None, BUNDLED):
-        path = bundled_path()
-        return load_official(path), content_key(path.read_text())
-    if isinstance(data, Mapping):
-        questions = load_csvs({str(k): str(v) for k, v in data.items()})
-        return questions, content_key([(q.question_id, dict(q.prompts)) for q in questions])
-    path = Path(str(data))
-    return load_official(path), content_key(path.read_text(encoding="utf-8", errors="replace"))
+    questions, digest, _ = read_questions(data)
+    return questions, digest
 
 
 def stratified(questions: Sequence[Question], n: int) -> list[Question]:
@@ -191,7 +328,7 @@ class LongMemEvalTask:
 
     def __init__(self, settings: LongMemEvalSettings) -> None:
         self.settings = settings
-        self.questions, self.digest = load_questions(settings.data)
+        self.questions, self.digest, self.reports = read_questions(settings.data)
 
     def data_inputs(self) -> dict[str, Path]:
         data = self.settings.data
@@ -200,6 +337,12 @@ class LongMemEvalTask:
         if isinstance(data, Mapping):
             return {f"longmemeval_{k}": Path(str(v)).expanduser() for k, v in data.items()}
         return {"longmemeval": Path(str(data)).expanduser()}
+
+    def data_reports(self) -> list[DataReport]:
+        return list(self.reports)
+
+    def identity(self) -> dict[str, Any]:
+        return {}
 
     @staticmethod
     def validate_params(params: Mapping[str, Any]) -> None:

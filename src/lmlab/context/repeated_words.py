@@ -22,6 +22,7 @@ import pandas as pd
 from lmlab.llm.clients import Client, Reply, Request
 from lmlab.context.engine import Item
 from lmlab.context.rows import cell_id
+from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
 from lmlab.stats import mean_with_interval, rate
 
@@ -139,6 +140,12 @@ class RepeatedWordsTask:
 
     def data_inputs(self) -> dict[str, Path]:
         return {}  # prompts are built from the settings alone
+
+    def data_reports(self) -> list[DataReport]:
+        return []
+
+    def identity(self) -> dict[str, Any]:
+        return {}
 
     @staticmethod
     def validate_params(params: Mapping[str, Any]) -> None:

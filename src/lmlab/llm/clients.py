@@ -11,6 +11,7 @@ passed per call: they are never stored on the client's identity, config or error
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -24,6 +25,8 @@ from lmlab.llm.accounting import BudgetExceeded, CallRecord, Ledger, Role, Token
 from lmlab.errors import LmlabError
 
 LOCAL = "local"
+#: How the local model samples when temperature > 0: part of its identity (cell ids).
+LOCAL_SAMPLER = "temperature (full vocabulary), one seed per cell from its id"
 _OPERATIONAL_KEYS = ("api_base", "api_key_env", "concurrency", "tokens_per_minute", "timeout_s",
                      "max_retries", "backoff_s", "budget_usd", "prices", "env_file")
 
@@ -148,8 +151,19 @@ class Client(ABC):
 # ---------------------------------------------------------------- local model
 
 
+def cell_seed(key: str) -> int:
+    """The sampling seed of one request, derived from its cell id alone."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
 class LocalClient(Client):
-    """The sweep's local model, batched; token counts are exact."""
+    """The sweep's local model, batched; token counts are exact.
+
+    With temperature > 0 every request samples with its own seed, :func:`cell_seed` of
+    its key: two cells never share a random stream, and a cell's text is the same
+    whichever batch it is sent in (up to the padding's floating-point noise, which greedy
+    decoding has too).
+    """
 
     def __init__(self, lm: Any, ledger: Ledger, role: Role = "subject", batch_size: int = 8,
                  temperature: float = 0.0) -> None:
@@ -161,7 +175,10 @@ class LocalClient(Client):
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {"kind": LOCAL, "model": self.lm.identity, "temperature": self.temperature}
+        ident = {"kind": LOCAL, "model": self.lm.identity, "temperature": self.temperature}
+        if self.temperature > 0:
+            ident["sampler"] = LOCAL_SAMPLER
+        return ident
 
     @property
     def context_window(self) -> int | None:
@@ -188,7 +205,8 @@ class LocalClient(Client):
                 chunk = group[start:start + self.batch_size]
                 prompts = [self.lm.format_chat(r.user, r.system) for r in chunk]
                 began = time.perf_counter()
-                completions = generate(self.lm, prompts, config)
+                seeds = [cell_seed(r.key) for r in chunk] if config.do_sample else None
+                completions = generate(self.lm, prompts, config, row_seeds=seeds)
                 share = (time.perf_counter() - began) / len(chunk)
                 for request, prompt, completion in zip(chunk, prompts, completions):
                     call = CallRecord(
