@@ -49,16 +49,22 @@ LEAD_COLUMNS = ["label", "layer", "lag", "train_accuracy", "val_accuracy", "test
                 "probe_minus_persistence_test_pr_auc_lo", "beats_baselines", "converged",
                 "fits_unconverged", "chains_test", "problems_test"]
 PLOTTED = ("test_auroc", "test_pr_auc", "test_f1")
-# Plan estimates (the plan is printed before the model loads, so they use file
-# characters, not tokens). Measured on the bundled sample with SmolLM2-135M's tokenizer:
-# 3.0 characters per token, 30 chat-template tokens per chain. Rates measured on a 2-core
-# CPU with the embedded model (see bench/bench_probes.py); other models and machines differ.
+# Plan estimates. The plan is printed before the model loads, so they start from the
+# chain file's characters: 3.0 characters per token and 30 chat-template tokens per chain
+# (SmolLM2-135M's tokenizer on the bundled sample). Rates: the embedded model on a 2-core
+# CPU. A full forward pass ran at about 360 tokens/s on an idle machine (DESIGN.md) and at
+# 120 tokens/s here with the load average at 2.3; 240 is used. One L-BFGS iteration cost
+# 4.4e-10 s per (train row x width x output), 57 iterations per output on average (layers
+# 6 and 14, 60 sample chains, 7 lags, C 0.001-1); evaluating one lag (4 scorers, 500
+# problem resamples) 3.5e-5 s per chain token; logging and registering a child ~0.5 s.
 CHARS_PER_TOKEN = 3.0
 TEMPLATE_TOKENS = 30
-FORWARD_TOKENS_PER_S = 360.0  # a full 30-layer forward pass of the embedded model
+FORWARD_TOKENS_PER_S = 240.0
 EMBEDDED_LAYERS, EMBEDDED_WIDTH = 30, 576
-FIT_SECONDS_PER_UNIT = 2.0e-9  # per (train row x width x output x iteration)
-FIT_ITERATIONS = 60  # typical L-BFGS iterations per output before convergence
+FIT_SECONDS_PER_UNIT = 4.4e-10
+FIT_ITERATIONS = 57
+EVAL_SECONDS_PER_TOKEN = 3.5e-5
+LOG_SECONDS_PER_CONDITION = 0.5
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class ProbeSettings:
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
     bootstrap: int = 500
-    max_iter: int = 100
+    max_iter: int = 300
     tolerance: float = 1e-4
     fit_threads: int | None = None
     register: bool = True
@@ -202,7 +208,8 @@ class ProbesFamily(Family):
         train_rows = chain_tokens * self.settings.split[0]
         fits = train_rows * EMBEDDED_WIDTH * self.work_units(params) * FIT_ITERATIONS \
             * FIT_SECONDS_PER_UNIT
-        return extraction / len(self.conditions()) + fits
+        evaluation = chain_tokens * EVAL_SECONDS_PER_TOKEN
+        return extraction / len(self.conditions()) + fits + evaluation + LOG_SECONDS_PER_CONDITION
 
     def _planned_tokens(self) -> tuple[float, float]:
         """(all tokens, chain tokens) the sweep will read, estimated from characters."""

@@ -61,7 +61,7 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
     bootstrap: int = 500
-    max_iter: int = 100
+    max_iter: int = 300
     fit_threads: int | None = None
     tolerance: float = 1e-4
 
