@@ -123,6 +123,7 @@ def test_malformed_chains_are_skipped_counted_and_logged_on_the_parent(swept, sa
     listed = pd.read_csv(client.download_artifacts(parent.info.run_id, "chains_skipped.csv",
                                                    str(tmp_path)))
     assert len(listed) == 4
+    assert list(listed["index"]) == [30, 31, 32, 33]  # file positions, in order
     report = family.data_reports()[0]
     assert report.dropped == {reason: 1 for reason in DEFECTS}
     assert any("'conclusion' x1" in note for note in report.notes)

@@ -86,6 +86,7 @@ class Chain:
     spans: tuple[Span, ...]
     coverage: float
     dropped_spans: int = 0  # annotated spans that could not be located in the chain
+    index: int = -1  # position of its record in the file
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,12 @@ class ChainSet:
         index = {c.task_id: i for i, c in enumerate(self.chains)}
         for task_id, detail in task_ids.items():
             chain = self.chains[index[task_id]]
-            self.skipped.append(Skipped(-1, task_id, reason, detail, len(chain.text),
+            self.skipped.append(Skipped(chain.index, task_id, reason, detail, len(chain.text),
                                         tokens.get(task_id)))
             if self.kept_tokens is not None and task_id in tokens:
                 self.kept_tokens -= tokens[task_id]
         self.chains = [c for c in self.chains if c.task_id not in task_ids]
+        self.skipped.sort(key=lambda s: s.index)
 
     def skip_table(self) -> pd.DataFrame:
         """One row per reason: chains, characters and tokens skipped, and the first case."""
@@ -339,7 +341,7 @@ def _trim(text: str, start: int, end: int) -> tuple[int, int]:
 
 
 def align_chain(record: dict[str, Any], config: ChainsConfig, where: str,
-                annotation: Annotation | None = None) -> Chain:
+                annotation: Annotation | None = None, index: int = -1) -> Chain:
     """Locate each annotated span in ``reasoning_chain`` and measure coverage."""
     text = record["reasoning_chain"]
     if annotation is None:
@@ -361,7 +363,8 @@ def align_chain(record: dict[str, Any], config: ChainsConfig, where: str,
     covered[mapping[mapping >= 0]] = True
     visible = np.array([not ch.isspace() for ch in text], dtype=bool)
     coverage = float(covered[visible].mean()) if visible.any() else 0.0
-    return Chain(str(record["task_id"]), record["problem"], text, tuple(spans), coverage, dropped)
+    return Chain(str(record["task_id"]), record["problem"], text, tuple(spans), coverage, dropped,
+                 index)
 
 
 def _check_record(record: Any, index: int) -> str:
@@ -487,7 +490,7 @@ def load_chains(path: Path | str, config: ChainsConfig = ChainsConfig(),
                                    f"{where}: after the first {config.max_chains} kept chains",
                                    _chars(record)))
             continue
-        chain = align_chain(record, config, where, annotation)
+        chain = align_chain(record, config, where, annotation, index)
         coverage.append(chain.coverage)
         if not chain.spans:
             skipped.append(Skipped(index, chain.task_id, "no_spans_located",
