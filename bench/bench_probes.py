@@ -6,8 +6,8 @@ Prints the figures and logs them to the MLflow experiment ``bench`` (run ``probe
 Training: on the same cached activations (bundled sample chains, embedded model), each
 side fits every strength of ``--strengths`` for every (layer, lag), picks the strength by
 val PR-AUC and reports test ROC-AUC. lmlab fits all lags and strengths of a layer in one
-multi-output L-BFGS problem; the reference fits one ``LogisticRegression`` per (layer, lag,
-strength). Extraction: the activation cache (one pass per batch, stopping after the
+batch of independent L-BFGS problems sharing each matrix product; the reference fits one
+``LogisticRegression`` per (layer, lag, strength). Chains are split by problem. Extraction: the activation cache (one pass per batch, stopping after the
 deepest layer, fp16 shards written to disk) versus a forward pass over the same batches
 that returns every hidden state and stores nothing.
 """
@@ -28,8 +28,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from lmlab.models import load_model
 from lmlab.probes.activations import ExtractionConfig, _batches, _right_padded, extract
-from lmlab.probes.chains import KNOWN_LABELS, SAMPLE_PATH, load_chains, tokenize_chains
-from lmlab.probes.train import build_layer_data, fit_joint, split_chains, standardizer
+from lmlab.probes.chains import KNOWN_LABELS, SAMPLE_PATH, load_chains, problem_key, tokenize_chains
+from lmlab.probes.train import build_layer_data, fit_joint, split_groups, standardizer
 
 OUT = Path(__file__).parent / "out"
 
@@ -44,7 +44,8 @@ def parse_args() -> argparse.Namespace:
                         help="chains for the extraction throughput comparison")
     parser.add_argument("--rounds", type=int, default=3, help="alternating extraction rounds")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations (lmlab side)")
+    parser.add_argument("--max-iter", type=int, default=300,
+                        help="L-BFGS iterations per output (lmlab side)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the joint fit (default: torch's choice)")
     parser.add_argument("--skip-extraction", action="store_true",
@@ -93,15 +94,17 @@ def _choose_and_score(logits_val, logits_test, y_val, y_test) -> float:
     return float(roc_auc_score(y_test, logits_test[:, best]))
 
 
-def training(cache, tokens, args: argparse.Namespace) -> dict[str, float]:
-    split = split_chains(len(tokens), (0.6, 0.2, 0.2), 0)
+def training(cache, tokens, problems: list[str], args: argparse.Namespace) -> dict[str, float]:
+    groups = np.unique([problem_key(p) for p in problems], return_inverse=True)[1]
+    split = split_groups(groups, (0.6, 0.2, 0.2), 0)
     joint_s = sklearn_s = 0.0
+    unconverged = iterations = work = 0
     gaps = []
     n_c = len(args.strengths)
     for layer in args.layers:
         data = build_layer_data(cache.layer(layer, tokens), [t.labels[args.label] for t in tokens],
                                 [t.input_ids for t in tokens], [t.chain_start for t in tokens],
-                                tuple(args.lags), split)
+                                tuple(args.lags), split, groups)
         row_split = data.split[data.chain]
         mean, scale = standardizer(data.features[row_split == 0])
         x = (data.features - mean) / scale
@@ -110,11 +113,14 @@ def training(cache, tokens, args: argparse.Namespace) -> dict[str, float]:
         train = rows[0]
         targets = np.repeat(data.targets[train].astype(np.float32), n_c, axis=1)
         weights = np.repeat(data.valid[train].astype(np.float32), n_c, axis=1)
-        coef, bias = fit_joint(torch.from_numpy(x[train]), torch.from_numpy(targets),
-                               torch.from_numpy(weights),
-                               torch.tensor(args.strengths * len(args.lags)), args.max_iter)
-        logits = (torch.from_numpy(x) @ coef + bias).numpy()
+        fit = fit_joint(torch.from_numpy(x[train]), torch.from_numpy(targets),
+                        torch.from_numpy(weights), torch.tensor(args.strengths * len(args.lags)),
+                        args.max_iter)
+        logits = (torch.from_numpy(x) @ fit.coef + fit.bias).numpy()
         joint_s += time.perf_counter() - start
+        unconverged += int((~fit.converged).sum())
+        iterations += int(fit.iterations.sum())
+        work += int(train.sum()) * x.shape[1] * int(fit.iterations.sum())
         for k, lag in enumerate(args.lags):
             ok = {s: rows[s] & data.valid[:, k] for s in range(3)}
             y = {s: data.targets[ok[s], k] for s in range(3)}
@@ -131,7 +137,10 @@ def training(cache, tokens, args: argparse.Namespace) -> dict[str, float]:
             print(f"layer {layer:>2} lag {lag:>3}: test ROC-AUC joint {ours:.4f}  sklearn {theirs:.4f}")
     return {"train_joint_s": joint_s, "train_sklearn_s": sklearn_s,
             "train_speedup": sklearn_s / joint_s, "train_max_auroc_gap": max(gaps),
-            "train_fits_sklearn": len(gaps) * n_c}
+            "train_fits_sklearn": len(gaps) * n_c, "train_fits_unconverged": unconverged,
+            "train_mean_iterations": iterations / (len(gaps) * n_c),
+            # s per (train row x width x output iteration): FIT_SECONDS_PER_UNIT in the family
+            "train_seconds_per_unit": joint_s / max(work, 1)}
 
 
 def main() -> None:
@@ -151,10 +160,13 @@ def main() -> None:
     cache, _ = extract(lm, tokens, chains.digest,
                        ExtractionConfig(tuple(args.layers), "float16", args.batch_size),
                        OUT / "activations")
-    metrics.update(training(cache, tokens, args))
+    metrics.update(training(cache, tokens, [c.problem for c in chains.chains], args))
     print(f"training: joint {metrics['train_joint_s']:.1f} s vs sklearn {metrics['train_sklearn_s']:.1f} s "
           f"({metrics['train_fits_sklearn']} fits) = {metrics['train_speedup']:.1f}x faster; "
-          f"largest test ROC-AUC gap {metrics['train_max_auroc_gap']:.4f}")
+          f"largest test ROC-AUC gap {metrics['train_max_auroc_gap']:.4f}; "
+          f"{metrics['train_fits_unconverged']} fits unconverged, "
+          f"{metrics['train_mean_iterations']:.0f} iterations per fit, "
+          f"{metrics['train_seconds_per_unit']:.2e} s per row x width x iteration")
     metrics["load_avg_1min_start"] = load_before
     metrics["load_avg_1min_end"] = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, 1-min load "

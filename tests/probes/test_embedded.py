@@ -34,6 +34,16 @@ def test_the_quick_sweep_finds_backtracking_beyond_the_token_baseline(tracking, 
     assert lag0["test_auroc"] > 0.8
     assert lag0["test_auroc"] > lag0["shuffled_test_auroc"] + 0.2
     assert lag0["test_pr_auc"] > lag0["token_test_pr_auc"]
+    assert (rows["fits_unconverged"] == 0).all()  # every L-BFGS fit converged at max_iter 300
+    lagged = rows.loc[[-2, 2]]
+    assert lagged["persistence_test_auroc"].notna().all()
+    print("\nembedded probes:\n" + rows.reset_index()[
+        ["layer", "lag", "test_auroc", "test_pr_auc", "token_test_pr_auc",
+         "persistence_test_pr_auc", "shuffled_test_auroc", "probe_minus_token_test_pr_auc_lo",
+         "beats_baselines", "fit_iterations"]].to_string(index=False))
+    champion = client.get_model_version_by_alias("probe-backtracking-smollm2-135m", "champion")
+    print(f"champion: v{champion.version} layer {champion.tags['layer']} lag "
+          f"{champion.tags['lag']} val PR-AUC {champion.tags['val_pr_auc']}")
 
     out = tmp_path / "view.html"
     _probe_view().main(["--out", str(out), "--no-log"])

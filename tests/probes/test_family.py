@@ -37,12 +37,26 @@ def run(spec, lm):
     return runner.run(), family, client
 
 
+def with_defects(sample_records):
+    """Three malformed chains and one too long for the tiny model (512 positions)."""
+    nested, stray, keyless, long = (dict(r) for r in sample_records[100:104])
+    nested["annotated_chain"] = nested["annotated_chain"].replace('["end-section"]', " ", 1)
+    stray["annotated_chain"] = stray["annotated_chain"].replace('["deduction"]', '["conclusion"]', 1)
+    del keyless["problem"]
+    long["reasoning_chain"] = "\n\n".join([long["reasoning_chain"]] * 3)
+    long["annotated_chain"] = " ".join([long["annotated_chain"]] * 3)
+    return [nested, stray, keyless, long]
+
+
+DEFECTS = {"nested_open_tag": 0, "unknown_label": 1, "missing_key": 2, "too_long": 3}
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, sample_records, tiny_lm):
     """One sweep (2 layers x 3 lags on 30 sample chains) shared by the tests that read it."""
     root = tmp_path_factory.mktemp("swept")
     chain_file = root / "chains.json"
-    chain_file.write_text(json.dumps(sample_records[:30]))
+    chain_file.write_text(json.dumps(sample_records[:30] + with_defects(sample_records)))
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
@@ -84,6 +98,83 @@ def test_the_parent_holds_the_results_table_and_figures(swept, tmp_path):
     assert "plots/backtracking_class_balance.png" in plots
     manifest = json.loads(mlflow.artifacts.load_text(f"runs:/{parent}/activations/manifest.json"))
     assert len(manifest["items"]) == 30 and manifest["layers"] == LAYERS
+
+
+def test_malformed_chains_are_skipped_counted_and_logged_on_the_parent(swept, sample_records,
+                                                                      tiny_lm, tmp_path):
+    outcome, family, client, _ = swept
+    parent = client.get_run(outcome.parent_run_id)
+    metrics = parent.data.metrics
+    defects = with_defects(sample_records)
+    for reason, index in DEFECTS.items():
+        text = defects[index]["reasoning_chain"]
+        assert metrics[f"data/chains/dropped_{reason}"] == 1
+        assert metrics[f"chains_skipped_chars_{reason}"] == len(text)
+        tokens = len(tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert metrics[f"chains_skipped_tokens_{reason}"] == tokens
+    assert metrics["data/chains/rows_read"] == 34 and metrics["data/chains/rows_kept"] == 30
+    assert metrics["chains_malformed"] == 3
+    assert metrics["chains_malformed_share"] == pytest.approx(3 / 34)
+    import pandas as pd
+
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id,
+                                                  "chains_skipped_by_reason.csv", str(tmp_path)))
+    assert sorted(table["reason"]) == sorted(DEFECTS)
+    listed = pd.read_csv(client.download_artifacts(parent.info.run_id, "chains_skipped.csv",
+                                                   str(tmp_path)))
+    assert len(listed) == 4
+    assert list(listed["index"]) == [30, 31, 32, 33]  # file positions, in order
+    report = family.data_reports()[0]
+    assert report.dropped == {reason: 1 for reason in DEFECTS}
+    assert any("'conclusion' x1" in note for note in report.notes)
+
+
+def test_chains_of_one_problem_never_straddle_train_and_test(swept):
+    _, family, _, _ = swept
+    prepared = family._data()
+    problems = [c.problem for c in prepared.chains.chains]
+    assert len(set(problems)) < len(problems)  # the fixture repeats problems
+    for problem in set(problems):
+        splits = {int(prepared.split[i]) for i, p in enumerate(problems) if p == problem}
+        assert len(splits) == 1, problem
+
+
+def test_every_probe_has_its_baselines_gains_and_convergence_beside_it(swept, tmp_path):
+    outcome, family, client, _ = swept
+    children = client.search_runs([outcome.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    for child in children:
+        lag = int(child.data.params["lag"])
+        metrics = child.data.metrics
+        assert {"converged", "fits_unconverged", "fit_iterations", "probe_minus_token_test_pr_auc",
+                "problems_test"} <= set(metrics)
+        assert ("persistence_test_auroc" in metrics) == (lag != 0)
+        assert ("probe_minus_persistence_test_pr_auc_lo" in metrics) == (lag != 0)
+        assert child.data.tags["fit_converged"] in ("true", "false")
+    import pandas as pd
+
+    table = pd.read_csv(client.download_artifacts(outcome.parent_run_id, "probe_results.csv",
+                                                  str(tmp_path)))
+    for column in ("persistence_test_auroc", "probe_minus_persistence_test_pr_auc",
+                   "beats_baselines", "converged"):
+        assert column in table
+    assert table.loc[table["lag"] != 0, "persistence_test_auroc"].notna().all()
+    assert "fit_converged" in client.get_run(outcome.parent_run_id).data.tags
+
+
+def test_the_plan_counts_fits_and_estimates_time_from_the_file(chain_file, sample_records,
+                                                                tmp_path, capsys):
+    family = family_for(spec_for(chain_file))
+    params = family.conditions()[0]
+    assert family.work_units(params) == 2 * 4  # probe and shuffled control at 4 strengths
+    seconds = family.estimate_seconds(params)
+    assert seconds > 0
+    assert "probes plan: 30 chains" in capsys.readouterr().out
+    bigger = tmp_path / "more.json"
+    bigger.write_text(json.dumps(sample_records[:90]))
+    assert family_for(spec_for(bigger)).estimate_seconds(params) > 2 * seconds
+    capped = family_for(spec_for(bigger, max_chains=30)).estimate_seconds(params)
+    assert capped == pytest.approx(seconds, rel=0.3)
 
 
 def test_the_champion_reloaded_by_alias_gives_the_trained_probabilities(swept, tiny_lm):

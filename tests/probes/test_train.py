@@ -10,8 +10,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from lmlab.errors import LmlabError
 from lmlab.probes.train import (TrainConfig, bootstrap_metrics, build_layer_data, fit_joint,
-                                ranking_metrics, split_chains, standardizer, threshold_metrics,
-                                train_layer)
+                                ranking_metrics, split_chains, split_groups, standardizer,
+                                threshold_metrics, train_layer)
 from lmlab.stats import cluster_bootstrap
 
 PLANTED_LAG = 3
@@ -90,8 +90,10 @@ def test_joint_training_matches_sklearn_one_fit_at_a_time():
     n_out = len(lags) * len(strengths)
     targets = np.repeat(data.targets.astype(np.float32), len(strengths), axis=1)
     weights = np.repeat(data.valid.astype(np.float32), len(strengths), axis=1)
-    coef, bias = fit_joint(torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(weights),
-                           torch.tensor(list(strengths) * len(lags)))
+    fit = fit_joint(torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(weights),
+                    torch.tensor(list(strengths) * len(lags)))
+    assert fit.converged.all()
+    coef, bias = fit.coef, fit.bias
     for column in range(n_out):
         k, c = divmod(column, len(strengths))
         rows = data.valid[:, k]
@@ -180,8 +182,139 @@ def test_mismatched_lengths_are_an_error_not_a_truncation():
 @pytest.mark.parametrize("kwargs, message", [
     ({"lags": ()}, "lags"), ({"lags": (0, 0)}, "repeat"), ({"lags": (0,), "strengths": (0.0,)}, "strengths"),
     ({"lags": (0,), "split": (0.5, 0.5, 0.5)}, "split"), ({"lags": (0,), "bootstrap": -1}, "bootstrap"),
-    ({"lags": (0,), "fit_threads": 0}, "fit_threads"),
+    ({"lags": (0,), "fit_threads": 0}, "fit_threads"), ({"lags": (0,), "tolerance": 0}, "tolerance"),
 ])
 def test_bad_training_settings_are_refused(kwargs, message):
     with pytest.raises(LmlabError, match=message):
         TrainConfig(**kwargs)
+
+
+# ------------------------------------------------------------- splits by problem
+
+def test_chains_of_one_problem_never_straddle_splits_and_shares_are_kept():
+    rng = np.random.default_rng(5)
+    problems = [f"problem {i}" for i in rng.integers(0, 70, 200)]  # ~2.9 chains per problem
+    split = split_groups(problems, (0.6, 0.2, 0.2), seed=1)
+    for problem in set(problems):
+        assert np.unique(split[[p == problem for p in problems]]).size == 1
+    shares = np.bincount(split, minlength=3) / len(problems)
+    np.testing.assert_allclose(shares, [0.6, 0.2, 0.2], atol=0.05)
+
+
+def test_with_one_chain_per_problem_the_group_split_is_the_chain_split():
+    np.testing.assert_array_equal(split_groups(np.arange(50), (0.6, 0.2, 0.2), 3),
+                                  split_chains(50, (0.6, 0.2, 0.2), 3))
+
+
+def test_too_few_problems_to_split_is_refused():
+    with pytest.raises(LmlabError, match="at least 3 different problems"):
+        split_groups(["a", "a", "b", "b"], (0.6, 0.2, 0.2), 0)
+
+
+def test_test_intervals_resample_problems_not_chains():
+    acts, labels, ids, starts = planted(n_chains=60)
+    groups = np.arange(60) // 3  # three chains per problem
+    split = split_groups(groups, (0.6, 0.2, 0.2), 0)
+    data = build_layer_data(acts, labels, ids, starts, (PLANTED_LAG,), split, groups)
+    metrics = train_layer(data, 1, "x", TrainConfig((PLANTED_LAG,), bootstrap=50)).metrics[PLANTED_LAG]
+    assert metrics["problems_test"] == metrics["chains_test"] / 3
+    test_rows = data.split[data.chain] == 2
+    assert np.unique(data.group[test_rows]).size == metrics["problems_test"]
+
+
+# ------------------------------------------------------------- label persistence
+
+def spans_without_signal(n_chains: int = 120, width: int = 16, seed: int = 0, prompt: int = 4):
+    """Labels in contiguous spans of 8-20 tokens; activations and tokens carry nothing."""
+    rng = np.random.default_rng(seed)
+    acts, labels, ids, starts = [], [], [], []
+    for _ in range(n_chains):
+        length = int(rng.integers(80, 140))
+        label = np.zeros(length, dtype=np.int8)
+        at = prompt + int(rng.integers(0, 20))
+        while at < length:
+            span = int(rng.integers(8, 21))
+            label[at:at + span] = 1
+            at += span + int(rng.integers(30, 70))
+        acts.append(rng.normal(size=(length, width)).astype(np.float32))
+        labels.append(label)
+        ids.append(rng.integers(0, 40, length))
+        starts.append(prompt)
+    return acts, labels, ids, starts
+
+
+def test_on_contiguous_spans_without_signal_persistence_is_strong_and_the_probe_does_not_beat_it():
+    lags = (0, 2, 4, 40)
+    acts, labels, ids, starts = spans_without_signal()
+    data = build_layer_data(acts, labels, ids, starts, lags,
+                            split_chains(len(acts), (0.6, 0.2, 0.2), 0))
+    result = train_layer(data, 1, "x", TrainConfig(lags, bootstrap=200))
+    for lag, floor in ((2, 0.85), (4, 0.75)):
+        metrics = result.metrics[lag]
+        assert metrics["persistence_test_auroc"] > floor
+        assert metrics["persistence_test_pr_auc"] > 2 * metrics["base_rate"]
+        assert abs(metrics["test_auroc"] - 0.5) < 0.08
+        assert metrics["probe_minus_persistence_test_pr_auc_hi"] < 0
+        assert metrics["beats_baselines"] == 0.0
+    # Far beyond a span's length the label at t says little.
+    assert result.metrics[40]["persistence_test_auroc"] < 0.65
+    assert "persistence_test_auroc" not in result.metrics[0]  # at lag 0 it is the target
+
+
+def test_a_probe_with_real_signal_beats_both_baselines():
+    lags = (PLANTED_LAG,)
+    result = train_layer(_data(lags), 1, "x", TrainConfig(lags, bootstrap=200))
+    metrics = result.metrics[PLANTED_LAG]
+    assert abs(metrics["persistence_test_auroc"] - 0.5) < 0.1  # labels are i.i.d. here
+    assert metrics["probe_minus_persistence_test_pr_auc_lo"] > 0
+    assert metrics["probe_minus_token_test_pr_auc_lo"] > 0
+    assert metrics["beats_baselines"] == 1.0
+    lo, hi = (metrics["probe_minus_persistence_test_auroc_lo"],
+              metrics["probe_minus_persistence_test_auroc_hi"])
+    assert lo <= metrics["probe_minus_persistence_test_auroc"] <= hi
+
+
+# ------------------------------------------------------------- convergence, lag independence
+
+def test_a_lags_probe_is_the_same_whichever_other_lags_are_fitted_with_it():
+    alone = train_layer(_data((0,)), 1, "x", TrainConfig((0,), bootstrap=50))
+    joint = train_layer(_data((0, 4)), 1, "x", TrainConfig((0, 4), bootstrap=50))
+    a, b = alone.probes[0], joint.probes[0]
+    assert a.strength == b.strength
+    np.testing.assert_allclose(a.weight, b.weight, rtol=0, atol=1e-6)
+    assert a.bias == pytest.approx(b.bias, abs=1e-6)
+    for name in ("test_auroc", "test_pr_auc", "shuffled_test_auroc", "test_auroc_lo", "threshold"):
+        assert alone.metrics[0][name] == pytest.approx(joint.metrics[0][name], abs=1e-6), name
+
+
+def test_every_fit_reports_convergence():
+    lags = (0, PLANTED_LAG)
+    result = train_layer(_data(lags), 1, "x", TrainConfig(lags, bootstrap=0))
+    for lag in lags:
+        metrics = result.metrics[lag]
+        assert metrics["converged"] == 1.0 and metrics["fits_unconverged"] == 0
+        assert metrics["fits"] == 2 * len(TrainConfig(lags).strengths)
+        assert metrics["fit_grad_max"] <= 1e-4 and 0 < metrics["fit_iterations"] < 100
+    assert result.convergence_warnings() == []
+
+
+def test_a_fit_out_of_iterations_is_flagged_and_warned_about():
+    lags = (0, PLANTED_LAG)
+    result = train_layer(_data(lags), 1, "x", TrainConfig(lags, bootstrap=0, max_iter=2))
+    metrics = result.metrics[PLANTED_LAG]
+    assert metrics["fits_unconverged"] > 0
+    assert metrics["fit_iterations"] <= 2
+    warnings = result.convergence_warnings()
+    assert any(f"lag {PLANTED_LAG}:" in w and "did not converge" in w for w in warnings)
+
+
+def test_one_slow_output_does_not_hold_back_or_change_the_others():
+    data = _data((PLANTED_LAG,), n_chains=40)
+    mean, scale = standardizer(data.features)
+    x = torch.from_numpy((data.features - mean) / scale)
+    y = torch.from_numpy(data.targets.astype(np.float32))
+    w = torch.from_numpy(data.valid.astype(np.float32))
+    easy = fit_joint(x, y, w, torch.tensor([0.001]))
+    both = fit_joint(x, y.repeat(1, 2), w.repeat(1, 2), torch.tensor([0.001, 1e4]))
+    assert both.iterations[0] == easy.iterations[0] < both.iterations[1]
+    np.testing.assert_allclose(both.coef[:, 0].numpy(), easy.coef[:, 0].numpy(), atol=1e-6)

@@ -1,9 +1,10 @@
 """The ``probes`` sweep family: one child run per (label, layer, lag).
 
-``prepare`` reads and aligns the chains, tokenizes them as the model reads them and fills
-the activation cache (one forward pass per batch for every grid layer). The first
-condition of a (label, layer) fits every grid lag of that layer at once; the other lags
-reuse that fit from memory or from the disk cache. ``summarize`` writes the parent's
+``prepare`` reads and aligns the chains (skipping and counting malformed ones), tokenizes
+them as the model reads them, splits them by problem and fills the activation cache (one
+forward pass per batch for every grid layer). The first condition of a (label, layer)
+fits every grid lag of that layer at once (each fit independent of the others); the other
+lags reuse that fit from memory or from the disk cache. ``summarize`` writes the parent's
 table and figures, logs each probe as a pyfunc model on its child run and registers it.
 """
 
@@ -27,10 +28,10 @@ from lmlab.errors import LmlabError
 from lmlab.probes import plots
 from lmlab.probes.activations import ActivationCache, ExtractionConfig, extract
 from lmlab.probes.chains import SAMPLE_PATH, ChainsConfig, ChainSet, TokenizedChain, load_chains, \
-    tokenize_chains
+    problem_key, scan_chains, tokenize_chains
 from lmlab.probes.registry import (CHAMPION, artifact_name, existing_version, log_probe,
                                    register_probe, registered_name, save_probe)
-from lmlab.probes.train import LayerResult, Probe, TrainConfig, build_layer_data, split_chains, \
+from lmlab.probes.train import LayerResult, Probe, TrainConfig, build_layer_data, split_groups, \
     train_layer
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 
@@ -41,8 +42,29 @@ LEAD_COLUMNS = ["label", "layer", "lag", "train_accuracy", "val_accuracy", "test
                 "train_pr_auc", "val_pr_auc", "test_pr_auc", "n_train", "n_val", "n_test",
                 "positives_train", "positives_val", "positives_test", "pos_ratio_train",
                 "pos_ratio_val", "pos_ratio_test", "token_test_auroc", "token_test_pr_auc",
-                "token_test_f1", "shuffled_test_auroc", "shuffled_test_pr_auc", "shuffled_test_f1"]
+                "token_test_f1", "persistence_test_auroc", "persistence_test_pr_auc",
+                "persistence_test_f1", "shuffled_test_auroc", "shuffled_test_pr_auc",
+                "shuffled_test_f1", "probe_minus_token_test_pr_auc",
+                "probe_minus_token_test_pr_auc_lo", "probe_minus_persistence_test_pr_auc",
+                "probe_minus_persistence_test_pr_auc_lo", "beats_baselines", "converged",
+                "fits_unconverged", "chains_test", "problems_test"]
 PLOTTED = ("test_auroc", "test_pr_auc", "test_f1")
+# Plan estimates. The plan is printed before the model loads, so they start from the
+# chain file's characters: 3.0 characters per token and 30 chat-template tokens per chain
+# (SmolLM2-135M's tokenizer on the bundled sample). Rates: the embedded model on a 2-core
+# CPU. A full forward pass ran at about 360 tokens/s on an idle machine (DESIGN.md) and at
+# 120 tokens/s here with the load average at 2.3; 240 is used. One L-BFGS iteration cost
+# 4.4e-10 s per (train row x width x output), 57 iterations per output on average (layers
+# 6 and 14, 60 sample chains, 7 lags, C 0.001-1); evaluating one lag (4 scorers, 500
+# problem resamples) 3.5e-5 s per chain token; logging and registering a child ~0.5 s.
+CHARS_PER_TOKEN = 3.0
+TEMPLATE_TOKENS = 30
+FORWARD_TOKENS_PER_S = 240.0
+EMBEDDED_LAYERS, EMBEDDED_WIDTH = 30, 576
+FIT_SECONDS_PER_UNIT = 4.4e-10
+FIT_ITERATIONS = 57
+EVAL_SECONDS_PER_TOKEN = 3.5e-5
+LOG_SECONDS_PER_CONDITION = 0.5
 
 
 @dataclass(frozen=True)
@@ -60,13 +82,15 @@ class ProbeSettings:
     min_span_match: float = 0.6
     extra_labels: tuple[str, ...] = ()
     max_chains: int | None = None
+    max_malformed_share: float = 0.2
     dtype: str = "float16"
     batch_size: int = 8
     strengths: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
     bootstrap: int = 500
-    max_iter: int = 100
+    max_iter: int = 300
+    tolerance: float = 1e-4
     fit_threads: int | None = None
     register: bool = True
 
@@ -80,11 +104,11 @@ class ProbeSettings:
 
     def chains_config(self) -> ChainsConfig:
         return ChainsConfig(self.min_coverage, self.min_span_match, tuple(self.extra_labels),
-                            self.max_chains)
+                            self.max_chains, self.max_malformed_share)
 
     def train_config(self, lags: tuple[int, ...]) -> TrainConfig:
         return TrainConfig(lags, tuple(self.strengths), tuple(self.split), self.seed,
-                           self.bootstrap, self.max_iter, self.fit_threads)
+                           self.bootstrap, self.max_iter, self.fit_threads, self.tolerance)
 
 
 @dataclass
@@ -93,6 +117,7 @@ class _Prepared:
     tokens: list[TokenizedChain]
     cache: ActivationCache
     split: np.ndarray
+    groups: np.ndarray  # problem group of each chain (split unit, bootstrap cluster)
 
 
 def _int(value: Any, name: str) -> int:
@@ -108,7 +133,8 @@ def _int(value: Any, name: str) -> int:
 @register
 class ProbesFamily(Family):
     name = "probes"
-    operational_settings = ("batch_size", "fit_threads", "register")
+    # max_malformed_share only decides whether a load stops, never what it keeps.
+    operational_settings = ("batch_size", "fit_threads", "register", "max_malformed_share")
 
     def __init__(self, spec) -> None:  # type: ignore[no-untyped-def]
         super().__init__(spec)
@@ -122,6 +148,7 @@ class ProbesFamily(Family):
             self.validate_condition(params)
         self._prepared: _Prepared | None = None
         self._layers: dict[tuple[str, int], LayerResult] = {}
+        self._plan_tokens: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ conditions
     def conditions(self) -> list[dict[str, Any]]:
@@ -150,11 +177,53 @@ class ProbesFamily(Family):
         chains = self._prepared.chains
         report = DataReport(name="chains", source=str(self.settings.data), digest=path_digest(
             self.settings.data_path), rows_read=chains.n_read, rows_kept=len(chains.chains),
-            unit="chains")
-        report.drop("low_coverage", chains.n_low_coverage)
+            dropped=chains.dropped, requested=self.settings.max_chains, unit="chains")
+        if chains.repaired_tags:
+            report.notes.append(f"note: chains: {chains.repaired_tags} tag(s) missing a quote "
+                                "(such as [\"end-section]) were read as that tag")
+        if chains.stray_labels:
+            strays = ", ".join(f"{label!r} x{n}" for label, n in chains.stray_labels.most_common())
+            report.notes.append(f"note: chains: labels outside the known set: {strays} (chains "
+                                "skipped; add them to probes.extra_labels to keep them)")
         return [report]
 
-    work_unit_name = "probes"
+    work_unit_name = "probe fits"
+
+    def work_units(self, params: Mapping[str, Any]) -> int:
+        """Logistic fits behind one condition: the probe and its shuffled control at every
+        strength (token and persistence baselines are counts, not fits)."""
+        return 2 * len(self.settings.strengths)
+
+    def estimate_seconds(self, params: Mapping[str, Any]) -> float:
+        """This condition's share of the activation extraction plus its fits.
+
+        Based on the chain file's characters (tokens = characters / CHARS_PER_TOKEN +
+        TEMPLATE_TOKENS per chain, over the chains a load would align), the grid's deepest
+        layer and the measured CPU rates above for the embedded model; a cached extraction
+        or another model makes it wrong by a constant factor.
+        """
+        tokens, chain_tokens = self._planned_tokens()
+        depth = (max(_int(v, "grid.layer") for v in self.spec.grid["layer"]) + 1) / EMBEDDED_LAYERS
+        extraction = tokens * min(depth, 1.0) / FORWARD_TOKENS_PER_S
+        train_rows = chain_tokens * self.settings.split[0]
+        fits = train_rows * EMBEDDED_WIDTH * self.work_units(params) * FIT_ITERATIONS \
+            * FIT_SECONDS_PER_UNIT
+        evaluation = chain_tokens * EVAL_SECONDS_PER_TOKEN
+        return extraction / len(self.conditions()) + fits + evaluation + LOG_SECONDS_PER_CONDITION
+
+    def _planned_tokens(self) -> tuple[float, float]:
+        """(all tokens, chain tokens) the sweep will read, estimated from characters."""
+        if self._plan_tokens is None:
+            pairs = scan_chains(self.settings.data_path, self.settings.chains_config())
+            chain = sum(len(text) for _, text in pairs) / CHARS_PER_TOKEN
+            prompt = sum(len(problem) for problem, _ in pairs) / CHARS_PER_TOKEN \
+                + TEMPLATE_TOKENS * len(pairs)
+            self._plan_tokens = (chain + prompt, chain)
+            print(f"probes plan: {len(pairs)} chains, about {chain + prompt:,.0f} tokens to run "
+                  f"through the model (file characters / {CHARS_PER_TOKEN}), fits on about "
+                  f"{chain * self.settings.split[0]:,.0f} train tokens; times use the embedded "
+                  "model's CPU rates")
+        return self._plan_tokens
 
     def run_name(self, params: Mapping[str, Any]) -> str:
         return f"{params['label']}-layer{params['layer']}-lag{params['lag']}"
@@ -169,17 +238,43 @@ class ProbesFamily(Family):
     def _prepare(self, ctx: SweepContext) -> _Prepared:
         if self._prepared is not None:
             return self._prepared
-        chains = load_chains(self.settings.data_path, self.settings.chains_config())
         lm = ctx.model
-        tokens = tokenize_chains(lm, chains.chains, self._labels)
+
+        def count_tokens(text: str) -> int:
+            return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        chains = load_chains(self.settings.data_path, self.settings.chains_config(), count_tokens)
+        tokens = self._drop_too_long(lm, chains, tokenize_chains(lm, chains.chains, self._labels))
+        table = chains.console_table()
+        if table:
+            print(f"lmlab: chains skipped ({chains.n_malformed} malformed of {chains.n_read}, "
+                  f"{chains.n_malformed / max(chains.n_read, 1):.1%}; the load stops past "
+                  f"{self.settings.max_malformed_share:.0%}):\n{table}")
         self._check_grid_against_data(tokens)
         layers = sorted({_int(v, "grid.layer") for v in self.spec.grid["layer"]})
         config = ExtractionConfig(tuple(layers), self.settings.dtype, self.settings.batch_size)
         cache, report = extract(lm, tokens, chains.digest, config, Path(ctx.cache.root) / "activations")
-        split = split_chains(len(tokens), self.settings.split, self.settings.seed)
-        self._prepared = _Prepared(chains, tokens, cache, split)
+        keys = [problem_key(c.problem) for c in chains.chains]
+        groups = np.unique(keys, return_inverse=True)[1]
+        split = split_groups(groups, self.settings.split, self.settings.seed)
+        self._prepared = _Prepared(chains, tokens, cache, split, groups)
         self._log_data(ctx, chains, cache, report.to_dict())
         return self._prepared
+
+    @staticmethod
+    def _drop_too_long(lm: Any, chains: ChainSet, tokens: list[TokenizedChain]
+                       ) -> list[TokenizedChain]:
+        """Leave out chains the model cannot read whole (prompt and chain past its context)."""
+        config = lm.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        if not limit:
+            return tokens
+        long = {t.task_id: f"task_id {t.task_id!r}: {t.n_tokens} tokens > the model's {limit}"
+                for t in tokens if t.n_tokens > limit}
+        if long:
+            chains.drop(long, "too_long", {t.task_id: t.n_tokens - t.chain_start for t in tokens})
+        return [t for t in tokens if t.task_id not in long]
 
     def _data(self) -> _Prepared:
         if self._prepared is None:
@@ -187,6 +282,8 @@ class ProbesFamily(Family):
         return self._prepared
 
     def _check_grid_against_data(self, tokens: list[TokenizedChain]) -> None:
+        if not tokens:
+            raise LmlabError("no chains left: every kept chain is longer than the model's context")
         longest = max(t.n_tokens - t.chain_start for t in tokens)
         for lag in self.lags:
             if abs(lag) >= longest:
@@ -211,11 +308,22 @@ class ProbesFamily(Family):
                                  "spans": [len(c.spans) for c in chains.chains],
                                  "dropped_spans": [c.dropped_spans for c in chains.chains]})
         ctx.tracker.log_table(run_id, coverage, "chain_coverage")
+        ctx.tracker.log_table(run_id, chains.skip_table(), "chains_skipped_by_reason")
+        ctx.tracker.log_table(run_id, chains.skipped_frame(), "chains_skipped")
 
     def _probe_key(self, label: str, layer: int, lag: int | None = None) -> str:
+        """One probe (``lag`` given) or one layer's stored fits (all grid lags).
+
+        A lag's probe does not depend on the other lags, so the lag set is only part of
+        the layer's key; the model, data, precision and training settings are in both.
+        """
         prepared = self._data()
-        return content_key("probe", prepared.cache.key, prepared.chains.digest, label, layer,
-                           lag, asdict(self.train_config))
+        train = asdict(self.train_config)
+        train.pop("fit_threads")
+        if lag is not None:
+            train.pop("lags")
+        return content_key("probe", prepared.cache.info["model"], prepared.chains.digest,
+                           prepared.cache.info["dtype"], label, layer, lag, train)
 
     def layer_result(self, ctx: SweepContext, label: str, layer: int) -> LayerResult:
         """All lags of one layer, fitted once and cached on disk."""
@@ -229,9 +337,11 @@ class ProbesFamily(Family):
             data = build_layer_data(prepared.cache.layer(layer, tokens),
                                     [t.labels[label] for t in tokens],
                                     [t.input_ids for t in tokens], [t.chain_start for t in tokens],
-                                    self.lags, prepared.split)
+                                    self.lags, prepared.split, prepared.groups)
             result = train_layer(data, layer, label, self.train_config)
             self._store_layer(ctx, key, result)
+        for warning in result.convergence_warnings():
+            print(warning)
         self._layers[(label, layer)] = result
         return result
 
@@ -266,7 +376,9 @@ class ProbesFamily(Family):
         prepared = self._data()
         tags = {PROBE_KEY_TAG: self._probe_key(label, layer, lag),
                 "dataset_digest": prepared.chains.digest,
-                "activation_cache_key": prepared.cache.key, "artifact": artifact_name(layer, lag)}
+                "activation_cache_key": prepared.cache.key, "artifact": artifact_name(layer, lag),
+                "fit_converged": "true" if result.metrics[lag].get("fits_unconverged", 0) == 0
+                else "false"}
         run_id = getattr(ctx, "run_id", None)
         if run_id and self.settings.register:
             with tempfile.TemporaryDirectory() as tmp:
@@ -305,6 +417,11 @@ class ProbesFamily(Family):
             metrics[f"{label}_best_test_pr_auc"] = float(best["test_pr_auc"])
             metrics[f"{label}_best_test_auroc"] = float(best["test_auroc"])
             tags[f"{label}_best"] = f"layer={int(best['layer'])},lag={int(best['lag'])}"
+        if "fits_unconverged" in table:
+            failed = int(table["fits_unconverged"].sum())
+            metrics["fits_unconverged"] = float(failed)
+            tags["fit_converged"] = "all" if not failed else \
+                f"{failed} of {int(table['fits'].sum())} fits did not converge"
         if self.settings.register:
             tags.update(self.register_all(ctx, table))
         return ConditionResult(metrics=metrics, tables={"probe_results": table}, figures=figures,

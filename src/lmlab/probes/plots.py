@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-PANELS = (("", "probe"), ("token_", "token-identity baseline"), ("shuffled_", "shuffled-label control"))
+PANELS = (("", "probe"), ("token_", "token-identity baseline"),
+          ("persistence_", "label-persistence baseline"), ("shuffled_", "shuffled-label control"))
 METRIC_TITLES = {"test_auroc": "test ROC-AUC", "test_pr_auc": "test PR-AUC", "test_f1": "test F1",
                  "test_accuracy": "test accuracy"}
 
@@ -18,9 +19,11 @@ def heatmap(results: pd.DataFrame, metric: str, label: str) -> plt.Figure:
     """Layer x lag grid of ``metric`` for the probe beside its baseline and control."""
     layers = sorted(results["layer"].unique())
     lags = sorted(results["lag"].unique())
-    fig, axes = plt.subplots(1, 3, figsize=(2 + 3 * (1.2 + 0.55 * len(lags)),
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(2 + len(PANELS) * (1.2 + 0.55 * len(lags)),
                                             1.8 + 0.5 * len(layers)), squeeze=False)
     columns = [prefix + metric for prefix, _ in PANELS]
+    # The persistence baseline has no lag-0 value (there the label at t is the target).
+    results = results.assign(**{c: np.nan for c in columns if c not in results})
     values = results[columns].to_numpy(dtype=float)
     vmin, vmax = np.nanmin(values), np.nanmax(values)
     for ax, (prefix, title) in zip(axes[0], PANELS):
@@ -29,6 +32,9 @@ def heatmap(results: pd.DataFrame, metric: str, label: str) -> plt.Figure:
         image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", vmin=vmin, vmax=vmax,
                           aspect="auto")
         for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+            if np.isnan(value):
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="grey")
+                continue
             bright = (value - vmin) / max(vmax - vmin, 1e-12) > 0.6
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                     color="black" if bright else "white")
@@ -43,7 +49,8 @@ def heatmap(results: pd.DataFrame, metric: str, label: str) -> plt.Figure:
 
 
 def lines(results: pd.DataFrame, metric: str, label: str) -> plt.Figure:
-    """``metric`` versus lag, one line per layer; baseline dashed, control dotted."""
+    """``metric`` versus lag, one line per layer; token baseline dashed, persistence
+    baseline dash-dotted, control dotted."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.cm.viridis(np.linspace(0, 0.9, results["layer"].nunique()))
     for colour, (layer, rows) in zip(colours, results.sort_values("lag").groupby("layer")):
@@ -53,12 +60,15 @@ def lines(results: pd.DataFrame, metric: str, label: str) -> plt.Figure:
                             alpha=0.12)
     first = results[results["layer"] == results["layer"].min()].sort_values("lag")
     ax.plot(first["lag"], first[f"token_{metric}"], "k--", label="token-identity baseline")
+    if f"persistence_{metric}" in first:
+        ax.plot(first["lag"], first[f"persistence_{metric}"], "k-.", marker=".",
+                label="label-persistence baseline")
     ax.plot(first["lag"], first[f"shuffled_{metric}"], "k:", label="shuffled-label control")
     if metric.endswith("pr_auc"):
         ax.plot(first["lag"], first["pos_ratio_test"], color="grey", lw=0.8, label="base rate")
     ax.set_xlabel("lag (activation at t predicts the label at t + lag)")
     ax.set_ylabel(METRIC_TITLES.get(metric, metric))
-    ax.set_title(f"{label}: {METRIC_TITLES.get(metric, metric)} by lag (95% chain-bootstrap bands)")
+    ax.set_title(f"{label}: {METRIC_TITLES.get(metric, metric)} by lag (95% problem-bootstrap bands)")
     ax.legend(fontsize=7)
     return fig
 

@@ -4,13 +4,15 @@ Lag convention: see :mod:`lmlab.probes` (activation at token t predicts the labe
 t + lag; both tokens must be chain tokens).
 
 One layer's features are shared by all lags, so all lags and all regularisation strengths
-are fitted together: a single multi-output L2 logistic regression in torch whose outputs
-are independent problems (one per (C, lag), plus the shuffled-label controls). Each
-output minimises sklearn's objective divided by C * n (mean log-loss + ||w||^2 / (2 C n),
-intercept unpenalised), so strengths mean the same as sklearn's ``C``.
+are fitted in one batch of independent L2 logistic regressions (one per (C, lag), plus the
+shuffled-label controls), each with its own L-BFGS and its own convergence test (see
+:mod:`lmlab.probes.lbfgs`): a lag's probe does not depend on the other lags in the grid.
+Strengths mean what sklearn's ``C`` means.
 
-Chains are split train/val/test; C and the decision threshold (max F1) are chosen on
-val; test metrics carry 95% intervals from a bootstrap that resamples chains.
+Chains are split train/val/test by problem (chains of one problem never straddle
+splits); C and the decision threshold (max F1) are chosen on val; test metrics carry 95%
+intervals from a bootstrap that resamples problems. Beside every probe: a token-identity
+baseline, a label-persistence baseline (lag != 0) and a shuffled-label control.
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from lmlab.errors import LmlabError
+from lmlab.probes.lbfgs import JointFit, fit_joint
 from lmlab.stats import CONFIDENCE, Estimate
 
+__all__ = ["JointFit", "fit_joint"]  # re-exported: the fitter lives in lmlab.probes.lbfgs
+
 SPLITS = ("train", "val", "test")
-SCORERS = ("probe", "token", "shuffled")  # the probe, token-identity baseline, shuffled control
+# The probe, its baselines (token identity; label at t plus token, for lag != 0) and the
+# shuffled-label control. A baseline's metrics carry its name as a prefix.
+SCORERS = ("probe", "token", "persistence", "shuffled")
+BASELINES = ("token", "persistence")
 THRESHOLD_METRICS = ("accuracy", "f1")
 RANKING_METRICS = ("auroc", "pr_auc")
 METRICS = RANKING_METRICS + THRESHOLD_METRICS
@@ -40,8 +48,10 @@ class TrainConfig:
 
     lags: label offsets to fit (activation at t predicts label at t + lag).
     strengths: candidate inverse L2 strengths C (sklearn's meaning); best on val PR-AUC.
-    split: train/val/test shares of chains (by chain, never by token).
-    bootstrap: chain resamples for the 95% test intervals (0 disables intervals).
+    split: train/val/test shares of chains (whole problems, never tokens or single chains).
+    bootstrap: problem resamples for the 95% test intervals (0 disables intervals).
+    max_iter / tolerance: per-output L-BFGS limits; an output converged when its largest
+        absolute gradient entry is at most ``tolerance`` (sklearn's lbfgs test).
     fit_threads: torch threads while fitting (None keeps torch's setting); 1 is much faster
         on a busy small machine, where threads spin-wait on L-BFGS's many small operations.
     """
@@ -51,8 +61,9 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
     bootstrap: int = 500
-    max_iter: int = 100
+    max_iter: int = 300
     fit_threads: int | None = None
+    tolerance: float = 1e-4
 
     def __post_init__(self) -> None:
         if not self.lags or any(not isinstance(k, int) or isinstance(k, bool) for k in self.lags):
@@ -70,6 +81,8 @@ class TrainConfig:
             raise LmlabError(f"probes.bootstrap must be a non-negative integer, got {self.bootstrap!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise LmlabError(f"probes.max_iter must be a positive integer, got {self.max_iter!r}")
+        if not isinstance(self.tolerance, (int, float)) or not self.tolerance > 0:
+            raise LmlabError(f"probes.tolerance must be a positive number, got {self.tolerance!r}")
         if self.fit_threads is not None and (not isinstance(self.fit_threads, int)
                                              or self.fit_threads < 1):
             raise LmlabError(f"probes.fit_threads must be a positive integer or null, "
@@ -81,9 +94,10 @@ class LayerData:
     """One layer's chain tokens as rows, with the labels every lag needs.
 
     features: (rows, width) float32, one row per chain token.
-    chain: (rows,) index of the chain; position: (rows,) token index within the chain.
+    chain: (rows,) index of the chain; group: (rows,) its problem group (bootstrap cluster).
+    token_ids: (rows,) the token at t (for the baselines).
+    current: (rows,) the label at t (for the label-persistence baseline).
     targets: (rows, lags) label at t + lag; valid: (rows, lags) whether t + lag is a chain token.
-    token_ids: (rows,) the token at t (for the token-identity baseline).
     split: (chains,) 0 train, 1 val, 2 test.
     """
 
@@ -94,6 +108,8 @@ class LayerData:
     valid: np.ndarray
     split: np.ndarray
     lags: tuple[int, ...]
+    current: np.ndarray
+    group: np.ndarray
 
 
 @dataclass
@@ -122,25 +138,67 @@ class LayerResult:
     metrics: dict[int, dict[str, float]]  # lag -> flat metrics
     probes: dict[int, Probe] = field(default_factory=dict)
 
+    def convergence_warnings(self) -> list[str]:
+        """One line per lag whose fits did not all converge (read from the metrics, so a
+        result reloaded from the cache warns again)."""
+        out = []
+        for lag, metrics in sorted(self.metrics.items()):
+            failed = int(metrics.get("fits_unconverged", 0))
+            if failed:
+                chosen = "the chosen probe did not" if not metrics.get("converged", 1) \
+                    else "the chosen probe did"
+                out.append(f"warning: {self.label} layer {self.layer} lag {lag}: {failed} of "
+                           f"{int(metrics['fits'])} fits did not converge ({chosen}; largest "
+                           f"|gradient| {metrics['fit_grad_max_worst']:.2g}); raise "
+                           "probes.max_iter or lower the strengths")
+        return out
+
+
+def split_groups(groups: Sequence[Any], shares: Sequence[float], seed: int) -> np.ndarray:
+    """Assign chains to train (0), val (1), test (2) so that a group never straddles splits.
+
+    Groups are shuffled (seeded) and dealt out whole: to val until it holds its share of
+    chains, then to test, the rest to train. With one chain per group this is a seeded
+    permutation of the chains.
+    """
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n_chains = inverse.size
+    if names.size < 3:
+        raise LmlabError(f"need chains of at least 3 different problems to split train/val/test, "
+                         f"have {names.size} ({n_chains} chains)")
+    sizes = np.bincount(inverse)
+    wanted = (max(1, round(shares[1] * n_chains)), max(1, round(shares[2] * n_chains)))
+    filled = [0, 0]
+    of_group = np.zeros(names.size, dtype=np.int8)
+    for group in np.random.default_rng(seed).permutation(names.size):
+        for target in (0, 1):
+            if filled[target] < wanted[target]:
+                of_group[group] = target + 1
+                filled[target] += sizes[group]
+                break
+    split = of_group[inverse]
+    if not (split == 0).any():
+        raise LmlabError(f"{names.size} problems cannot fill train, val and test with shares "
+                         f"{list(shares)}; use more problems or other probes.split shares")
+    return split
+
 
 def split_chains(n_chains: int, shares: Sequence[float], seed: int) -> np.ndarray:
-    """Assign chains to train (0), val (1), test (2); every split gets at least one chain."""
+    """Split chains that are all of different problems (see :func:`split_groups`)."""
     if n_chains < 3:
         raise LmlabError(f"need at least 3 chains to split train/val/test, have {n_chains}")
-    order = np.random.default_rng(seed).permutation(n_chains)
-    n_val = max(1, round(shares[1] * n_chains))
-    n_test = max(1, round(shares[2] * n_chains))
-    split = np.zeros(n_chains, dtype=np.int8)
-    split[order[:n_val]] = 1
-    split[order[n_val:n_val + n_test]] = 2
-    return split
+    return split_groups(np.arange(n_chains), shares, seed)
 
 
 def build_layer_data(activations: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                      token_ids: Sequence[np.ndarray], chain_starts: Sequence[int],
-                     lags: Sequence[int], split: np.ndarray) -> LayerData:
-    """Rows for every chain token; targets and validity for every lag."""
-    feats, chains, ids, targets, valid = [], [], [], [], []
+                     lags: Sequence[int], split: np.ndarray,
+                     groups: Sequence[int] | None = None) -> LayerData:
+    """Rows for every chain token; targets and validity for every lag.
+
+    groups: a bootstrap cluster per chain (its problem); each chain its own by default.
+    """
+    feats, chains, ids, targets, valid, current = [], [], [], [], [], []
     lags_arr = np.asarray(lags)
     for index, (acts, lab, tok, start) in enumerate(zip(activations, labels, token_ids, chain_starts)):
         if not acts.shape[0] == lab.shape[0] == tok.shape[0]:
@@ -152,11 +210,15 @@ def build_layer_data(activations: Sequence[np.ndarray], labels: Sequence[np.ndar
         feats.append(acts[start:])
         chains.append(np.full(positions.size, index))
         ids.append(tok[start:])
+        current.append(lab[start:])
         targets.append(np.where(ok, lab[np.clip(shifted, 0, acts.shape[0] - 1)], 0))
         valid.append(ok)
-    return LayerData(np.concatenate(feats).astype(np.float32, copy=False), np.concatenate(chains),
+    chain = np.concatenate(chains)
+    group_of = np.arange(len(feats)) if groups is None else np.asarray(groups)
+    return LayerData(np.concatenate(feats).astype(np.float32, copy=False), chain,
                      np.concatenate(ids), np.concatenate(targets).astype(np.int8),
-                     np.concatenate(valid), split, tuple(lags))
+                     np.concatenate(valid), split, tuple(lags),
+                     np.concatenate(current).astype(np.int8), group_of[chain])
 
 
 def standardizer(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,36 +239,6 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def fit_joint(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-              strengths: torch.Tensor, max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit independent L2 logistic regressions sharing one feature matrix.
-
-    features: (rows, width) standardized; targets, weights: (rows, outputs), weights 0/1
-    marking the rows each output uses; strengths: (outputs,) C per output.
-    Returns coefficients (width, outputs) and intercepts (outputs,).
-    """
-    n_out = targets.shape[1]
-    coef = torch.zeros(features.shape[1], n_out, dtype=features.dtype, requires_grad=True)
-    bias = torch.zeros(n_out, dtype=features.dtype, requires_grad=True)
-    counts = weights.sum(0).clamp(min=1.0)
-    optimizer = torch.optim.LBFGS([coef, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-7, tolerance_change=1e-10,
-                                  line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = features @ coef + bias  # (rows, outputs)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, targets, weight=weights, reduction="none").sum(0) / counts
-        penalty = (coef ** 2).sum(0) / (2.0 * strengths * counts)
-        total = (loss + penalty).sum()
-        total.backward()
-        return total
-
-    optimizer.step(closure)
-    return coef.detach(), bias.detach()
 
 
 # --------------------------------------------------------------------------- metrics
@@ -258,29 +290,44 @@ def point_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict[st
             "accuracy": accuracy, "f1": f1}
 
 
-def bootstrap_metrics(y: np.ndarray, score: np.ndarray, threshold: float, chain: np.ndarray,
-                      n_resamples: int, seed: int) -> dict[str, Estimate]:
-    """95% intervals for every metric from a bootstrap that resamples chains.
+def bootstrap_draws(y: np.ndarray, score: np.ndarray, threshold: float, cluster: np.ndarray,
+                    n_resamples: int, seed: int) -> dict[str, np.ndarray]:
+    """Every metric on ``n_resamples`` cluster resamples (clusters drawn with replacement).
 
     The scheme of :func:`lmlab.stats.cluster_bootstrap`, vectorised: a resample is a weight
-    per row (how often its chain was drawn), so one sort of the scores serves every
-    resample and every metric, instead of a sort per resample and metric.
+    per row (how often its cluster was drawn), so one sort of the scores serves every
+    resample and every metric, instead of a sort per resample and metric. The draws depend
+    only on ``cluster`` and ``seed``, so two scorers evaluated on the same rows with the
+    same seed see the same resamples: their differences are paired.
     """
-    groups, inverse = np.unique(chain, return_inverse=True)
+    groups, inverse = np.unique(cluster, return_inverse=True)
     picks = np.random.default_rng(seed).integers(0, groups.size, (n_resamples, groups.size))
     counts = np.zeros((n_resamples, groups.size))
     np.add.at(counts, (np.repeat(np.arange(n_resamples), groups.size), picks.ravel()), 1.0)
     weights = counts[:, inverse]  # (resamples, rows)
-    draws = {**_weighted_ranking(y, score, weights),
-             **_weighted_threshold(y, score >= threshold, weights)}
-    point = point_metrics(y, score, threshold)
+    return {**_weighted_ranking(y, score, weights),
+            **_weighted_threshold(y, score >= threshold, weights)}
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    """The central 95% of the finite draws (NaN when there are none)."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return math.nan, math.nan
     tail = (1 - CONFIDENCE) / 2
-    out = {}
-    for name, values in draws.items():
-        finite = values[np.isfinite(values)]
-        low, high = np.quantile(finite, [tail, 1 - tail]) if finite.size else (math.nan, math.nan)
-        out[name] = Estimate(point[name], float(low), float(high), int(groups.size))
-    return out
+    low, high = np.quantile(finite, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_metrics(y: np.ndarray, score: np.ndarray, threshold: float, chain: np.ndarray,
+                      n_resamples: int, seed: int) -> dict[str, Estimate]:
+    """95% percentile intervals for every metric from a bootstrap over clusters (``chain``
+    holds each row's cluster: its chain, or its problem)."""
+    draws = bootstrap_draws(y, score, threshold, chain, n_resamples, seed)
+    point = point_metrics(y, score, threshold)
+    n_clusters = int(np.unique(chain).size)
+    return {name: Estimate(point[name], *percentile_interval(values), n_clusters)
+            for name, values in draws.items()}
 
 
 def _weighted_ranking(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -322,6 +369,27 @@ def token_identity_scores(train_ids: np.ndarray, train_y: np.ndarray, ids: np.nd
     return ((positives + base) / (totals + 1.0))[ids]
 
 
+def persistence_scores(train_now: np.ndarray, train_ids: np.ndarray, train_y: np.ndarray,
+                       now: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """P(label at t + lag | label at t, token at t) from train counts.
+
+    Spans are contiguous, so "t is already inside a span" predicts "t + lag is too" at
+    small lags without any model state. Within each value of the label at t this is the
+    token-identity baseline, smoothed towards that value's own rate.
+    """
+    base = float(train_y.mean())
+    size = int(max(train_ids.max(initial=0), ids.max(initial=0))) + 1
+    out = np.empty(ids.size, dtype=np.float64)
+    for state in (0, 1):
+        fit, rows = train_now == state, now == state
+        state_y = train_y[fit]
+        rate = (float(state_y.sum()) + base) / (state_y.size + 1.0)
+        positives = np.bincount(train_ids[fit], weights=state_y, minlength=size)
+        totals = np.bincount(train_ids[fit], minlength=size)
+        out[rows] = ((positives + rate) / (totals + 1.0))[ids[rows]]
+    return out
+
+
 @dataclass
 class _Scored:
     scores: dict[int, np.ndarray]  # split -> scores
@@ -329,22 +397,44 @@ class _Scored:
     strength: float = math.nan
 
 
-def _evaluate(name: str, scored: _Scored, ys: dict[int, np.ndarray], chains: dict[int, np.ndarray],
-              config: TrainConfig) -> dict[str, float]:
+def _evaluate(name: str, scored: _Scored, ys: dict[int, np.ndarray], clusters: dict[int, np.ndarray],
+              config: TrainConfig) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+    """Flat metrics of one scorer (its name as prefix, none for the probe) and its test
+    bootstrap draws (None without a bootstrap)."""
     prefix = "" if name == "probe" else f"{name}_"
     out: dict[str, float] = {}
     for split, split_name in enumerate(SPLITS):
         for metric, value in point_metrics(ys[split], scored.scores[split], scored.threshold).items():
             out[f"{prefix}{split_name}_{metric}"] = value
+    draws = None
     if config.bootstrap:
-        intervals = bootstrap_metrics(ys[2], scored.scores[2], scored.threshold, chains[2],
-                                      config.bootstrap, config.seed)
-        for metric, estimate in intervals.items():
-            out[f"{prefix}test_{metric}_lo"] = estimate.lower
-            out[f"{prefix}test_{metric}_hi"] = estimate.upper
+        draws = bootstrap_draws(ys[2], scored.scores[2], scored.threshold, clusters[2],
+                                config.bootstrap, config.seed)
+        for metric, values in draws.items():
+            out[f"{prefix}test_{metric}_lo"], out[f"{prefix}test_{metric}_hi"] = \
+                percentile_interval(values)
     out[f"{prefix}threshold"] = scored.threshold
     if not math.isnan(scored.strength):
         out[f"{prefix}C"] = scored.strength
+    return out, draws
+
+
+def _paired_gains(metrics: dict[str, float], draws: dict[str, dict[str, np.ndarray] | None],
+                  baselines: Sequence[str]) -> dict[str, float]:
+    """Probe minus each baseline on the test ranking metrics, with paired 95% intervals
+    (both scorers see the same problem resamples), and whether the probe beats every
+    baseline on PR-AUC (interval above 0)."""
+    out: dict[str, float] = {}
+    for baseline in baselines:
+        for metric in RANKING_METRICS:
+            name = f"probe_minus_{baseline}_test_{metric}"
+            out[name] = metrics[f"test_{metric}"] - metrics[f"{baseline}_test_{metric}"]
+            if draws["probe"] is not None and draws[baseline] is not None:
+                out[f"{name}_lo"], out[f"{name}_hi"] = percentile_interval(
+                    draws["probe"][metric] - draws[baseline][metric])
+    lows = [out.get(f"probe_minus_{b}_test_pr_auc_lo", math.nan) for b in baselines]
+    if lows and not any(math.isnan(low) for low in lows):
+        out["beats_baselines"] = float(all(low > 0 for low in lows))
     return out
 
 
@@ -370,8 +460,13 @@ def _check_rows(data: LayerData, label: str) -> None:
                                  f"{lag}; use more chains or another label")
 
 
+def _columns(real: int, k: int, n_lags: int, n_c: int) -> np.ndarray:
+    """Output columns of lag index ``k``: the probe (real 0) or its shuffled control (1)."""
+    return (real * n_lags + k) * n_c + np.arange(n_c)
+
+
 def train_layer(data: LayerData, layer: int, label: str, config: TrainConfig) -> LayerResult:
-    """Probe, token baseline and shuffled control for every lag of one layer."""
+    """Probe, baselines and shuffled control for every lag of one layer."""
     if not data.targets.any():
         raise LmlabError(f"label {label!r} never occurs in the kept chains")
     _check_rows(data, label)
@@ -388,48 +483,67 @@ def train_layer(data: LayerData, layer: int, label: str, config: TrainConfig) ->
         rng = np.random.default_rng([config.seed, data.lags[k] + 2 ** 16])
         shuffled = rng.permutation(data.targets[fit_rows, k])
         for real, column_y in ((0, data.targets[fit_rows, k]), (1, shuffled)):
-            cols = (real * n_lags + k) * n_c + np.arange(n_c)
+            cols = _columns(real, k, n_lags, n_c)
             targets[np.ix_(fit_rows, cols)] = column_y[:, None]
             weights[np.ix_(fit_rows, cols)] = 1.0
     strengths = torch.tensor(list(config.strengths) * (2 * n_lags), dtype=x.dtype)
     fit_idx = np.nonzero(train_rows)[0]
     with torch_threads(config.fit_threads):
-        coef, bias = fit_joint(x[fit_idx], torch.from_numpy(targets[fit_idx]),
-                               torch.from_numpy(weights[fit_idx]), strengths, config.max_iter)
-    all_logits = (x @ coef + bias).numpy()
+        fit = fit_joint(x[fit_idx], torch.from_numpy(targets[fit_idx]),
+                        torch.from_numpy(weights[fit_idx]), strengths, config.max_iter,
+                        config.tolerance)
+    all_logits = (x @ fit.coef + fit.bias).numpy()
     result = LayerResult(layer, label, {})
     for k, lag in enumerate(data.lags):
         result.metrics[lag], result.probes[lag] = _lag_result(
-            data, k, all_logits, coef.numpy(), bias.numpy(), mean, scale, layer, label, config)
+            data, k, all_logits, fit, mean, scale, layer, label, config)
     return result
 
 
-def _lag_result(data: LayerData, k: int, all_logits: np.ndarray, coef: np.ndarray,
-                bias: np.ndarray, mean: np.ndarray, scale: np.ndarray, layer: int, label: str,
+def _lag_result(data: LayerData, k: int, all_logits: np.ndarray, fit: JointFit,
+                mean: np.ndarray, scale: np.ndarray, layer: int, label: str,
                 config: TrainConfig) -> tuple[dict[str, float], Probe]:
     n_lags, n_c = len(data.lags), len(config.strengths)
+    lag = data.lags[k]
     row_split = data.split[data.chain]
     rows = {s: np.nonzero(data.valid[:, k] & (row_split == s))[0] for s in range(3)}
     ys = {s: data.targets[r, k].astype(np.int64) for s, r in rows.items()}
-    chains = {s: data.chain[r] for s, r in rows.items()}
+    clusters = {s: data.group[r] for s, r in rows.items()}
     metrics: dict[str, float] = {}
+    draws: dict[str, dict[str, np.ndarray] | None] = {}
     for real, name in ((0, "probe"), (1, "shuffled")):
-        cols = (real * n_lags + k) * n_c + np.arange(n_c)
+        cols = _columns(real, k, n_lags, n_c)
         best, scored = _choose({s: all_logits[r][:, cols] for s, r in rows.items()}, ys[1],
                                config.strengths)
-        metrics.update(_evaluate(name, scored, ys, chains, config))
+        found, draws[name] = _evaluate(name, scored, ys, clusters, config)
+        metrics.update(found)
         if name == "probe":
             column = int(cols[best])
-            probe = Probe(layer, data.lags[k], label, coef[:, column].copy(), float(bias[column]),
-                          mean, scale, scored.threshold, scored.strength)
-    token = {s: token_identity_scores(data.token_ids[rows[0]], ys[0], data.token_ids[r])
-             for s, r in rows.items()}
-    metrics.update(_evaluate("token", _Scored(token, best_threshold(ys[1], token[1])), ys, chains,
-                             config))
+            probe = Probe(layer, lag, label, fit.coef[:, column].numpy().copy(),
+                          float(fit.bias[column]), mean, scale, scored.threshold, scored.strength)
+            metrics.update({"converged": float(fit.converged[column]),
+                            "fit_iterations": float(fit.iterations[column]),
+                            "fit_grad_max": float(fit.grad_max[column])})
+    ids, now = data.token_ids, data.current
+    baselines = {"token": {s: token_identity_scores(ids[rows[0]], ys[0], ids[r])
+                           for s, r in rows.items()}}
+    if lag != 0:  # at lag 0 the label at t is the target itself
+        baselines["persistence"] = {s: persistence_scores(now[rows[0]], ids[rows[0]], ys[0],
+                                                          now[r], ids[r]) for s, r in rows.items()}
+    for name, scores in baselines.items():
+        found, draws[name] = _evaluate(name, _Scored(scores, best_threshold(ys[1], scores[1])),
+                                       ys, clusters, config)
+        metrics.update(found)
+    metrics.update(_paired_gains(metrics, draws, list(baselines)))
+    lag_cols = np.r_[_columns(0, k, n_lags, n_c), _columns(1, k, n_lags, n_c)]
+    metrics["fits"] = float(lag_cols.size)
+    metrics["fits_unconverged"] = float((~fit.converged[lag_cols]).sum())
+    metrics["fit_grad_max_worst"] = float(fit.grad_max[lag_cols].max())
     for s, split_name in enumerate(SPLITS):
         metrics[f"n_{split_name}"] = float(ys[s].size)
         metrics[f"positives_{split_name}"] = float(ys[s].sum())
         metrics[f"pos_ratio_{split_name}"] = float(ys[s].mean())
-        metrics[f"chains_{split_name}"] = float(np.unique(chains[s]).size)
+        metrics[f"chains_{split_name}"] = float(np.unique(data.chain[rows[s]]).size)
+        metrics[f"problems_{split_name}"] = float(np.unique(clusters[s]).size)
     metrics["base_rate"] = metrics["pos_ratio_test"]
     return metrics, probe
