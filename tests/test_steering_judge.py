@@ -213,6 +213,24 @@ def test_a_litellm_judge_logs_its_calls_cost_and_agreement_and_buys_each_verdict
                 "harm_test/kappa_judge_likelihood", "benign/agreement_judge_likelihood"} <= set(run.data.metrics)
 
 
+def test_a_spent_judge_budget_stops_cleanly_and_a_rerun_buys_only_missing_verdicts(store: Path) -> None:
+    from lmlab.errors import LmlabError
+
+    server = FakeJudgeServer()
+    judge = {"model": "openai/fake-judge", "api_base": server.api_base, "timeout_s": 10,
+             "concurrency": 1, "prices": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
+    try:
+        with pytest.raises(LmlabError, match="steering.judge.budget_usd"):
+            run_sweep(judged_spec({**judge, "budget_usd": 0.0003}))  # about 2 calls
+        bought = len(server.requests)
+        assert 0 < bought < 6
+        run_sweep(judged_spec({**judge, "budget_usd": 1.0}))  # the budget is operational
+    finally:
+        server.stop()
+    assert len(server.requests) == len(set(server.requests)), "no verdict bought twice"
+    assert len(server.requests) > bought
+
+
 def test_the_judges_operational_settings_stay_out_of_the_condition_key() -> None:
     from lmlab.sweeps.family import family_for
 

@@ -35,7 +35,7 @@ from lmlab.errors import LmlabError
 from lmlab.generation import GenerationConfig, generate, score_continuations
 from lmlab.hooks import POSITIONS, Edit, ablate_direction, add_vector, check_layers
 from lmlab.identity import strip_operational
-from lmlab.llm.accounting import Ledger
+from lmlab.llm.accounting import BudgetExceeded, Ledger
 from lmlab.llm.clients import Client, ClientConfig, make_client
 from lmlab.models import LoadedModel
 from lmlab.steering import directions as dirs
@@ -393,8 +393,7 @@ class SteeringFamily(Family):
             rows = self.evaluate(ctx, split, params)
             base = self.evaluate(ctx, split, {**BASELINE, "splits": params["splits"]})
             if self.judge is not None:
-                rows = judge_completions(self.judge, ctx.cache, rows)
-                base = judge_completions(self.judge, ctx.cache, base)
+                rows, base = self._judged(ctx, rows), self._judged(ctx, base)
                 reused_verdicts += sum(bool(r.get("judge_cached")) for r in rows + base)
             metrics.update(split_metrics(split, rows, base))
             tables.append(pd.DataFrame(rows).assign(split=split))
@@ -416,6 +415,15 @@ class SteeringFamily(Family):
             files["direction"] = self._direction_file(direction, params)
         return ConditionResult(metrics=metrics, tables={"completions": pd.concat(tables)},
                                files=files, tags=tags)
+
+    def _judged(self, ctx: SweepContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert self.judge is not None and self.settings.judge is not None
+        try:
+            return judge_completions(self.judge, ctx.cache, rows)
+        except BudgetExceeded as error:
+            raise LmlabError(f"steering.judge.budget_usd of ${self.settings.judge.budget_usd} is "
+                             "spent; the verdicts bought so far are cached, so raise the budget "
+                             "and rerun to resume") from error
 
     def _fresh_judge_ledger(self) -> Ledger | None:
         """A ledger for this condition's judge calls, holding what is left of the budget."""
@@ -599,8 +607,10 @@ def summarize_sweep(summary: pd.DataFrame) -> ConditionResult:
         figures["generalization_gap"] = plots.generalization_gap(frame)
     leading = ["method", CONTROL_FOR, "layer", "intervention", *STRENGTH.values(), "scope", "splits"]
     ordered = frame[[c for c in leading if c in frame] + [c for c in frame if c not in leading]]
-    ordered = ordered.sort_values(["intervention", "method", CONTROL_FOR, "layer", *STRENGTH.values()],
-                                  na_position="first", key=_sort_key)
+    # The baseline first, then each intervention's methods, each followed by its controls.
+    ordered = ordered.assign(_steered=ordered["intervention"] != "none").sort_values(
+        ["_steered", "intervention", CONTROL_FOR, "method", "layer", *STRENGTH.values()],
+        na_position="first", key=_sort_key).drop(columns="_steered")
     metrics = {}
     if "judge/cost_usd" in frame:
         metrics = {"total_judge_cost_usd": float(frame["judge/cost_usd"].fillna(0).sum()),

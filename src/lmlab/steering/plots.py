@@ -21,8 +21,6 @@ from lmlab.steering.family import CONTROL_FOR, STRENGTH, direction_label  # noqa
 
 SPLIT_COLOURS = {"harm_train": "tab:red", "harm_val": "tab:orange", "harm_test": "tab:purple",
                  "benign": "tab:green"}
-OUTCOME_COLOURS = {"refusal": "tab:red", "compliance": "tab:green", "degenerate": "tab:grey",
-                   "empty": "black"}
 STRENGTH_LABELS = {"add_norm_multiple": "add_norm_multiple (added norm / mean residual norm)",
                    "ablate_fraction": "ablate_fraction (share of the component removed)"}
 
@@ -64,10 +62,16 @@ def _panels(summary: pd.DataFrame) -> list[tuple[tuple[str, str, object], pd.Dat
     return list(steered.groupby(["panel_method", "intervention", "layer"], dropna=False))
 
 
-def _axes(n: int, height: float = 3.6) -> tuple[plt.Figure, np.ndarray]:
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(4.4 * max(n, 1), height), squeeze=False,
+def _axes(n: int, height: float = 3.6, columns: int = 4) -> tuple[plt.Figure, list]:
+    """``n`` panels (at least one) in rows of at most ``columns``; spare panels hidden."""
+    n = max(n, 1)
+    ncols, nrows = min(n, columns), -(-n // columns)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, height * nrows), squeeze=False,
                              sharey=True)
-    return fig, axes[0]
+    flat = list(axes.flat)
+    for spare in flat[n:]:
+        spare.set_visible(False)
+    return fig, flat[:n]
 
 
 def refusal_vs_strength(summary: pd.DataFrame, splits: Iterable[str]) -> plt.Figure:
@@ -108,34 +112,28 @@ def refusal_vs_strength(summary: pd.DataFrame, splits: Iterable[str]) -> plt.Fig
 
 
 def outcome_shares(summary: pd.DataFrame, splits: Iterable[str]) -> plt.Figure:
-    """Stacked shares of refusal, compliance, degenerate and empty answers per condition,
-    one panel per split, so empty and degenerate answers are seen apart from refusals."""
+    """Shares of compliant (solid), degenerate (dashed) and empty (dotted) answers against
+    strength, per (method, intervention, layer): what a refusal rate leaves out."""
     summary = normalised(summary)
-    splits = [s for s in splits if f"{s}/refusal" in summary]
-    fig, axes = _axes(len(splits), height=0.35 * len(summary) + 1.8)
-    labels = [_condition_label(row) for _, row in summary.iterrows()]
-    for ax, split in zip(axes, splits):
-        left = np.zeros(len(summary))
-        for outcome, colour in OUTCOME_COLOURS.items():
-            column = f"{split}/{outcome}"
-            values = summary[column].fillna(0).to_numpy() if column in summary else np.zeros(len(summary))
-            ax.barh(range(len(summary)), values, left=left, color=colour, label=outcome)
-            left += values
-        ax.set_yticks(range(len(summary)), labels, fontsize=7)
-        ax.set_xlim(0, 1)
-        ax.set_title(split)
-        ax.set_xlabel("share of answers")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    panels = _panels(summary)
+    fig, axes = _axes(len(panels))
+    baseline = summary[summary["intervention"] == "none"]
+    for ax, ((method, intervention, layer), rows) in zip(axes, panels):
+        x = STRENGTH[intervention]
+        part = pd.concat([baseline.assign(**{x: 0.0}), rows[rows["method"] != CONTROL]]).sort_values(x)
+        for split in splits:
+            for outcome, style in (("compliance", "-"), ("degenerate", "--"), ("empty", ":")):
+                col = f"{split}/{outcome}"
+                if col in part:
+                    ax.plot(part[x], part[col], style, marker=".", color=SPLIT_COLOURS.get(split),
+                            label=f"{split} {outcome}")
+        ax.set_title(f"{method} {intervention} {_layer_label(layer)}")
+        ax.set_xlabel(STRENGTH_LABELS[x])
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("share of answers")
+    axes[-1].legend(fontsize=6)
     fig.tight_layout()
     return fig
-
-
-def _condition_label(row: pd.Series) -> str:
-    if row["intervention"] == "none":
-        return "baseline"
-    x = STRENGTH[row["intervention"]]
-    return (f"{direction_label(row['method'], row[CONTROL_FOR])} {row['intervention']} "
-            f"{_layer_label(row['layer'])} {x}={row[x]:g}")
 
 
 def generalization_gap(summary: pd.DataFrame) -> plt.Figure:
