@@ -73,8 +73,6 @@ def test_suffix_contrast_raises_held_out_refusal_and_the_random_control_does_not
     # Non-overlapping 95% intervals on unseen, shifted harmful prompts.
     assert steered["harm_test/refusal_lo"] > base["harm_test/refusal_hi"]
     assert steered["harm_test/refusal_diff_lo"] > 0 and steered["harm_test/refusal_diff_p"] < 0.05
-    # The likelihood detector (it scores text the direction was not built from) agrees.
-    assert steered["harm_test/refusal_likelihood_diff_lo"] > 0
     # Same norm, random direction: no increase distinguishable from the baseline.
     assert control["harm_test/refusal_lo"] <= base["harm_test/refusal_hi"]
     assert control["harm_test/refusal"] < steered["harm_test/refusal_lo"]
