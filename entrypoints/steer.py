@@ -1,7 +1,10 @@
 """Run one steering condition: ``mlflow run . -e steer -P layer=15 -P alpha=0.25``.
 
 Input: the condition's params on the command line (model and settings as in
-``sweeps/smoke.yaml``). Output: the run ``mlflow run`` created holds a baseline child and
+``sweeps/smoke.yaml``). ``alpha`` is the strength in the intervention's own unit: for
+``add`` the added norm as a multiple of the layer's mean residual norm, for ``ablate``
+the share of the component removed (0 to 1); the runs log it as ``add_norm_multiple`` or
+``ablate_fraction``. Output: the run ``mlflow run`` created holds a baseline child and
 the condition's child (with its matched random control), as a one-point sweep would.
 """
 
@@ -24,7 +27,10 @@ def _integer(value: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=_integer, required=True)
-    parser.add_argument("--alpha", type=float, required=True)
+    parser.add_argument("--alpha", type=float, required=True,
+                        help="add: multiple of the layer's mean residual norm (logged as "
+                             "add_norm_multiple); ablate: share of the component removed, "
+                             "0 to 1 (logged as ablate_fraction)")
     parser.add_argument("--method", default="suffix_contrast")
     parser.add_argument("--intervention", default="add")
     parser.add_argument("--scope", default="layer")
@@ -37,10 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exit_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from lmlab.steering.family import STRENGTH
     from lmlab.sweeps.runner import mark_run_failed, run_sweep, ui_hint
     from lmlab.sweeps.spec import parse_spec
 
-    raw = {"family": "steering", "name": f"steer-{args.method}-L{args.layer}-a{args.alpha:g}",
+    strength = STRENGTH.get(args.intervention, "alpha")
+    raw = {"family": "steering",
+           "name": f"steer-{args.method}-{args.intervention}-L{args.layer}-{strength}{args.alpha:g}",
            "model": {"name": args.model},
            "grid": {"method": [args.method], "layer": [args.layer], "alpha": [args.alpha],
                     "intervention": [args.intervention], "scope": [args.scope]},

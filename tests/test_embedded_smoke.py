@@ -1,7 +1,7 @@
 """Integration on the embedded SmolLM2-135M: the smoke sweep and its known answer.
 
-One sweep (baseline, suffix_contrast at layer 15 with alpha 0.25 and 0.5, and the
-matched random controls) runs once for the module; each test reads the tracking store.
+One sweep (baseline, suffix_contrast at layer 15 with add_norm_multiple 0.25 and 0.5, and
+the matched random controls) runs once for the module; each test reads the tracking store.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def smoke(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     torch.set_num_threads(threads)
 
 
-def row(summary: pd.DataFrame, method: str, alpha: float | None = None) -> pd.Series:
+def row(summary: pd.DataFrame, method: str, norm_multiple: float | None = None) -> pd.Series:
     rows = summary[summary["method"] == method]
-    if alpha is not None:
-        rows = rows[rows["alpha"] == alpha]
-    assert len(rows) == 1, f"expected one {method} row at alpha {alpha}"
+    if norm_multiple is not None:
+        rows = rows[rows["add_norm_multiple"] == norm_multiple]
+    assert len(rows) == 1, f"expected one {method} row at add_norm_multiple {norm_multiple}"
     return rows.iloc[0]
 
 
@@ -59,8 +59,9 @@ def test_smoke_sweep_logs_one_parent_with_children_summary_and_plots(smoke) -> N
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
     assert len(summary) == 5 and (summary["intervention"] == "none").sum() == 1
     plots = {a.path for a in client.list_artifacts(outcome.parent_run_id, "plots")}
-    assert {"plots/refusal_vs_alpha.png", "plots/generalization_gap.png", "plots/tradeoff.png",
-            "plots/layer_alpha_heatmap.png"} <= plots
+    assert {"plots/refusal_vs_strength.png", "plots/outcome_shares.png",
+            "plots/generalization_gap.png", "plots/tradeoff.png",
+            "plots/layer_strength_heatmap.png"} <= plots
 
 
 def test_suffix_contrast_raises_held_out_refusal_and_the_random_control_does_not(smoke) -> None:  # type: ignore[no-untyped-def]
@@ -68,9 +69,10 @@ def test_suffix_contrast_raises_held_out_refusal_and_the_random_control_does_not
     base = row(summary, "none")
     steered = row(summary, "suffix_contrast", 0.25)
     control = row(summary, "random", 0.25)
+    assert control["control_for"] == "suffix_contrast"
     # Non-overlapping 95% intervals on unseen, shifted harmful prompts.
     assert steered["harm_test/refusal_lo"] > base["harm_test/refusal_hi"]
-    assert steered["harm_test/refusal_diff_lo"] > 0
+    assert steered["harm_test/refusal_diff_lo"] > 0 and steered["harm_test/refusal_diff_p"] < 0.05
     # Same norm, random direction: no increase distinguishable from the baseline.
     assert control["harm_test/refusal_lo"] <= base["harm_test/refusal_hi"]
     assert control["harm_test/refusal"] < steered["harm_test/refusal_lo"]

@@ -313,3 +313,68 @@ def test_left_padding_does_not_change_captured_activations_of_real_tokens(
     single = capture_residuals(any_lm, alone.input_ids, alone.attention_mask, [2])[2][0]
     batched = capture_residuals(any_lm, padded.input_ids, padded.attention_mask, [2])[2][0, -n:]
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ PEFT adapters
+
+def with_lora_adapter(lm: LoadedModel) -> LoadedModel:
+    """The same weights wrapped in a PEFT LoRA adapter (a separate copy of the model)."""
+    import copy
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)  # non-zero B: the adapter really changes outputs
+    return dataclasses.replace(lm, model=get_peft_model(copy.deepcopy(lm.model), config).eval())
+
+
+def columns_edited_during_generate(lm: LoadedModel, positions: str, new_tokens: int = 4
+                                   ) -> tuple[list[int], int, int]:
+    """Absolute columns the layer-1 edit touched while ``generate`` ran on one prompt.
+
+    Block 1's own output (a hook registered before the steering hooks, so it runs first)
+    is compared with what block 2 receives (block 1's output after the edit).
+    Returns (edited columns, prompt length, total columns seen).
+    """
+    from lmlab.generation import GenerationConfig, generate
+
+    prompt = lm.format_chat("How do I bake bread?")
+    prompt_len = len(lm.tokenizer(prompt, add_special_tokens=False).input_ids)
+    produced: list[torch.Tensor] = []
+    received: list[torch.Tensor] = []
+    blocks = decoder_layers(lm.model)
+
+    def keep_output(module: nn.Module, args: tuple, output) -> None:  # type: ignore[no-untyped-def]
+        produced.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+    def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        received.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handles = [blocks[1].register_forward_hook(keep_output),
+               blocks[2].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    try:
+        generate(lm, [prompt], GenerationConfig(max_new_tokens=new_tokens),
+                 edits={1: add_vector(torch.ones(lm.hidden_size))}, positions=positions)  # type: ignore[arg-type]
+    finally:
+        for handle in handles:
+            handle.remove()
+    changed = torch.cat([(p != r).any(-1)[0] for p, r in zip(produced, received)])
+    return changed.nonzero().flatten().tolist(), prompt_len, int(changed.numel())
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generation"])
+def test_steering_during_generate_with_a_lora_adapter_edits_exactly_the_right_columns(
+        llama_lm: LoadedModel, positions: str) -> None:
+    adapted = with_lora_adapter(llama_lm)
+    columns, prompt_len, seen = columns_edited_during_generate(adapted, positions)
+    assert seen > prompt_len + 1, "generation must run several decode steps"
+    expected = {"all": list(range(seen)), "prompt": list(range(prompt_len)),
+                "generation": list(range(prompt_len - 1, seen))}[positions]
+    assert columns == expected
+
+
+def test_the_lora_adapter_changes_the_model(llama_lm: LoadedModel) -> None:
+    batch = encode(llama_lm)
+    adapted = with_lora_adapter(llama_lm)
+    assert not torch.equal(forward(llama_lm, batch).logits, forward(adapted, batch).logits)

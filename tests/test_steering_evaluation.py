@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from lmlab.errors import LmlabError
 from lmlab.models import LoadedModel
-from lmlab.steering.directions import build_directions, random_vectors, suffix_contrast
+from lmlab.steering.directions import (COMPLIANCE_SUFFIX, REFUSAL_SUFFIX, build_directions,
+                                       random_vectors, suffix_contrast)
 from lmlab.steering.evaluation import (
+    COMPLIANCE_OPENING,
+    REFUSAL_OPENING,
+    REFUSAL_PHRASES,
     DegeneracyThresholds,
     classify,
     kl_per_prompt,
+    likelihood_margin,
+    normalise_text,
     perplexity,
     phrase_refusal,
     repetition,
 )
+from lmlab.steering.family import split_metrics
 
 THRESHOLDS = DegeneracyThresholds(max_perplexity=200.0, max_repetition=0.5)
 
@@ -25,8 +33,8 @@ THRESHOLDS = DegeneracyThresholds(max_perplexity=200.0, max_repetition=0.5)
 # ------------------------------------------------------------------ phrase detector
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t "])
-def test_an_empty_answer_counts_as_a_refusal(text: str) -> None:
-    assert phrase_refusal(text) is True
+def test_an_empty_answer_is_not_a_refusal(text: str) -> None:
+    assert phrase_refusal(text) is False
 
 
 def test_a_compliant_opening_is_not_a_refusal() -> None:
@@ -80,8 +88,9 @@ def test_kl_known_value_for_two_point_distributions() -> None:
 
 # ------------------------------------------------------------------ classify
 
-def test_classify_empty_text_as_refusal() -> None:
-    assert classify("  ", refused=False, ppl=1e6, rep=1.0, thresholds=THRESHOLDS) == "refusal"
+@pytest.mark.parametrize("refused", [True, False])
+def test_classify_empty_text_as_its_own_outcome(refused: bool) -> None:
+    assert classify(" \n ", refused=refused, ppl=1e6, rep=1.0, thresholds=THRESHOLDS) == "empty"
 
 
 def test_classify_high_perplexity_as_degenerate_even_with_a_refusal_phrase() -> None:
@@ -102,6 +111,60 @@ def test_classify_fluent_text_by_its_refusal_phrase(refused: bool, outcome: str)
 def test_classify_unknown_perplexity_by_its_refusal_phrase() -> None:
     assert classify("Sure.", refused=False, ppl=math.nan, rep=0.0,
                     thresholds=THRESHOLDS) == "compliance"
+
+
+# ------------------------------------------------------------------ likelihood detector
+
+def _word_pairs(text: str) -> set[tuple[str, str]]:
+    words = re.findall(r"[a-z']+", normalise_text(text))
+    return set(zip(words, words[1:]))
+
+
+@pytest.mark.parametrize("opening", [REFUSAL_OPENING, COMPLIANCE_OPENING])
+@pytest.mark.parametrize("suffix", [REFUSAL_SUFFIX, COMPLIANCE_SUFFIX])
+def test_the_likelihood_openings_share_no_word_pair_with_the_direction_suffixes(
+        opening: str, suffix: str) -> None:
+    """A detector scoring the text the direction is built from would only confirm the
+    direction's construction, not measure a refusal."""
+    assert normalise_text(opening) not in normalise_text(suffix)
+    assert normalise_text(suffix) not in normalise_text(opening)
+    assert not _word_pairs(opening) & _word_pairs(suffix)
+
+
+@pytest.mark.parametrize("opening", [REFUSAL_OPENING, COMPLIANCE_OPENING])
+def test_the_likelihood_openings_contain_no_phrase_of_the_phrase_detector(opening: str) -> None:
+    assert not [phrase for phrase in REFUSAL_PHRASES if phrase in normalise_text(opening)]
+
+
+def test_the_likelihood_margin_compares_per_token_means_not_sums() -> None:
+    # A long likely refusal (-1 per token, sum -10) against a short compliance (-2 per token,
+    # sum -4): summing would call it compliance, per token it leans to refusal by 1 nat.
+    refusal, compliance = torch.full((10,), -1.0), torch.full((2,), -2.0)
+    assert likelihood_margin(refusal, compliance) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ split metrics
+
+def _row(outcome: str, phrase: bool = False, likelihood: bool = False, text: str = "Some answer.") -> dict:
+    return {"outcome": outcome, "phrase_refusal": phrase, "likelihood_refusal": likelihood,
+            "completion": text, "kl": 0.0, "perplexity": 10.0, "stop_reason": "eos"}
+
+
+def test_split_metrics_count_empty_answers_apart_from_refusals() -> None:
+    rows = [_row("empty", text=""), _row("empty", text=" "), _row("refusal", phrase=True),
+            _row("compliance")]
+    metrics = split_metrics("harm_test", rows, [_row("compliance")] * 4)
+    assert metrics["harm_test/empty"] == 0.5 and metrics["harm_test/refusal"] == 0.25
+    assert metrics["harm_test/compliance"] == 0.25 and metrics["harm_test/degenerate"] == 0.0
+    assert metrics["harm_test/refusal_diff"] == 0.25
+
+
+def test_split_metrics_give_a_paired_interval_with_width_when_nothing_changed() -> None:
+    rows = [_row("refusal", phrase=True)] * 5 + [_row("compliance")] * 15
+    metrics = split_metrics("harm_test", rows, rows)
+    assert metrics["harm_test/refusal_diff"] == 0.0
+    assert metrics["harm_test/refusal_diff_lo"] < 0 < metrics["harm_test/refusal_diff_hi"]
+    assert metrics["harm_test/refusal_diff_p"] == 1.0
 
 
 # ------------------------------------------------------------------ directions

@@ -79,12 +79,14 @@ def test_sweep_has_one_parent_with_a_child_per_condition_and_a_summary(store: Pa
     artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.parent_run_id)}
     assert "summary.csv" in artifacts
     plots = {a.path for a in MlflowClient().list_artifacts(outcome.parent_run_id, "plots")}
-    assert {"plots/refusal_vs_alpha.png", "plots/tradeoff.png", "plots/layer_alpha_heatmap.png"} <= plots
+    assert {"plots/refusal_vs_strength.png", "plots/outcome_shares.png", "plots/tradeoff.png",
+            "plots/layer_strength_heatmap.png"} <= plots
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id,
                                                               artifact_path="summary.csv"))
     assert (summary["intervention"] == "none").sum() == 1, "baseline row must be in summary.csv"
-    assert {"harm_test/refusal", "harm_test/refusal_lo", "harm_test/refusal_hi",
-            "harm_test/refusal_diff", "benign/cost", "benign/kl"} <= set(summary.columns)
+    assert {"harm_test/refusal", "harm_test/refusal_lo", "harm_test/refusal_hi", "harm_test/empty",
+            "harm_test/refusal_diff", "harm_test/refusal_diff_p", "benign/cost",
+            "benign/kl"} <= set(summary.columns)
 
 
 def test_child_runs_log_params_completions_and_direction(store: Path) -> None:
@@ -94,6 +96,19 @@ def test_child_runs_log_params_completions_and_direction(store: Path) -> None:
     files = {a.path for a in MlflowClient().list_artifacts(steered.info.run_id)}
     assert "completions.csv" in files and "direction" in files
     assert "direction/relative_norm" in steered.data.metrics
+
+
+def test_the_strength_param_is_named_for_its_unit_and_controls_name_their_method(store: Path) -> None:
+    spec = spec_with(grid={**TINY_SPEC["grid"], "alpha": [0.5], "intervention": ["add", "ablate"]})
+    params = [r.data.params for r in children(run_sweep(spec))]
+    assert not any("alpha" in p for p in params)
+    adds = [p for p in params if p["intervention"] == "add"]
+    ablations = [p for p in params if p["intervention"] == "ablate"]
+    assert len(adds) == len(ablations) == 2
+    assert all(p["add_norm_multiple"] == "0.5" and "ablate_fraction" not in p for p in adds)
+    assert all(p["ablate_fraction"] == "0.5" and "add_norm_multiple" not in p for p in ablations)
+    controls = [p for p in params if p["method"] == "random"]
+    assert [p["control_for"] for p in controls] == ["suffix_contrast"] * 2
 
 
 def test_rerunning_a_spec_reuses_every_finished_condition(store: Path, monkeypatch) -> None:
@@ -185,9 +200,14 @@ def _run_cli(args: list[str], store: Path, env_extra: dict | None = None) -> sub
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"grid": {"alpha": [-1.0], "layer": [1]}}, "alpha must be a finite number >= 0"),
+    ({"grid": {"alpha": [-1.0], "layer": [1]}},
+     "add_norm_multiple (the grid's alpha for add) must be a finite number >= 0"),
     ({"grid": {"alpha": [float("nan")], "layer": [1]}}, "finite number"),
-    ({"grid": {"alpha": [1.5], "layer": [1], "intervention": ["ablate"]}}, "must be in [0, 1]"),
+    ({"grid": {"alpha": [1.5], "layer": [1], "intervention": ["ablate"]}},
+     "ablate_fraction (the grid's alpha for ablate) is the share of the component removed and "
+     "must be in [0, 1]"),
+    ({"grid": {"alpha": [0.5], "layer": [1], "method": ["random"]}},
+     "'random' is the matched-norm control, not a method"),
     ({"colour": "blue"}, "unknown key(s) ['colour']"),
     ({"steering": {"n_promts": 3}}, "unknown steering setting(s)"),
     ({"steering": {"data": {"benign": "/no/such/file.jsonl"}}}, "input 'benign' not found"),

@@ -63,22 +63,40 @@ def ablate_direction(direction: torch.Tensor, fraction: float = 1.0) -> Edit:
     return edit
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder blocks, also through PEFT wrappers."""
+def _layer_list_owner(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The decoder backbone (the module that runs the blocks) and its block list, also
+    through PEFT wrappers."""
     roots = [model]
     base = getattr(model, "base_model", None)
     if base is not None and base is not model:
         roots.append(getattr(base, "model", base))
     for root in roots:
         for path in _LAYER_LIST_PATHS:
-            found: nn.Module | None = root
-            for part in path.split("."):
-                found = getattr(found, part, None)
-                if found is None:
+            owner: nn.Module | None = root
+            *parents, name = path.split(".")
+            for part in parents:
+                owner = getattr(owner, part, None)
+                if owner is None:
                     break
+            found = getattr(owner, name, None) if owner is not None else None
             if isinstance(found, nn.ModuleList):
-                return found
+                return owner, found  # type: ignore[return-value]
     raise LmlabError(f"cannot find decoder layers in {type(model).__name__}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks, also through PEFT wrappers."""
+    return _layer_list_owner(model)[1]
+
+
+def decoder_backbone(model: nn.Module) -> nn.Module:
+    """The module whose forward runs the decoder blocks (``LlamaModel``, ``GPT2Model``...).
+
+    It receives ``input_ids`` and ``past_key_values`` on every forward, whoever calls it:
+    a PEFT wrapper's ``generate`` calls the base model's, which never enters the wrapper's
+    own forward, so a hook on the wrapper would miss every decode step.
+    """
+    return _layer_list_owner(model)[0]
 
 
 def check_layers(lm: LoadedModel, layers: Sequence[int]) -> None:
@@ -163,7 +181,8 @@ def residual_hooks(
         return hook
 
     try:
-        handles.append(lm.model.register_forward_pre_hook(offset.pre_hook, with_kwargs=True))
+        handles.append(decoder_backbone(lm.model).register_forward_pre_hook(offset.pre_hook,
+                                                                           with_kwargs=True))
         for layer in sorted(set(edits) | set(captured)):
             handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
         yield captured

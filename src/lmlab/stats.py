@@ -2,6 +2,12 @@
 
 Every rate lmlab reports is an :class:`Estimate`: a point value with a 95% interval and
 the number of independent units (unique prompts, chains) behind it.
+
+* one rate: Wilson score interval;
+* the difference of two rates on the same units (steered vs baseline answer to the same
+  prompt): Tango's score interval with the exact McNemar p-value
+  (:func:`paired_rate_difference`);
+* the mean (or paired mean difference) of continuous values: percentile bootstrap.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import optimize
 from scipy import stats as sps
 
 CONFIDENCE = 0.95
@@ -43,9 +50,85 @@ def rate(successes: Sequence[bool] | np.ndarray) -> Estimate:
     return Estimate(k / n, float(interval.low), float(interval.high), n)
 
 
+@dataclass(frozen=True)
+class PairedRateDifference(Estimate):
+    """treated rate - control rate over the same units, with a two-sided p-value for
+    "no difference" (exact McNemar)."""
+
+    p_value: float
+
+    def to_dict(self, prefix: str) -> dict[str, float]:
+        return {**super().to_dict(prefix), f"{prefix}_p": self.p_value}
+
+
+def paired_rate_difference(treated: Sequence[bool] | np.ndarray,
+                           control: Sequence[bool] | np.ndarray) -> PairedRateDifference:
+    """Difference of two binary outcomes measured on the same units.
+
+    Only discordant units carry information about the difference: ``b`` units are
+    positive under treatment only, ``c`` under control only, and the estimate is
+    ``(b - c) / n``. The interval is Tango's score interval (Tango 1998, recommended for
+    small paired samples by Fagerland, Lydersen and Laake 2014); it is never zero-width
+    (with no discordant unit it is ``±z²/(n + z²)``). The p-value is the exact McNemar
+    test, a two-sided binomial test of ``b`` in ``b + c`` at one half.
+    """
+    x = np.asarray(treated, dtype=bool)
+    y = np.asarray(control, dtype=bool)
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples differ in shape: {x.shape} vs {y.shape}")
+    n = int(x.size)
+    if n == 0:
+        return PairedRateDifference(math.nan, math.nan, math.nan, 0, math.nan)
+    b, c = int((x & ~y).sum()), int((~x & y).sum())
+    low, high = tango_interval(b, c, n)
+    return PairedRateDifference((b - c) / n, low, high, n, mcnemar_exact_p(b, c))
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the two discordant counts (1 when there are none)."""
+    if b + c == 0:
+        return 1.0
+    return float(sps.binomtest(b, b + c, 0.5).pvalue)
+
+
+def tango_interval(b: int, c: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Tango's score interval for a paired difference of proportions ``(b - c) / n``.
+
+    The interval holds every difference d that the score test does not reject:
+    ``|b - c - n d| / sqrt(n (2 q(d) + d (1 - d))) <= z``, where ``q(d)`` is the maximum-
+    likelihood probability of a control-only unit when the difference is fixed at d.
+    """
+    if not (0 <= b and 0 <= c and b + c <= n and n > 0):
+        raise ValueError(f"need 0 <= b, c and b + c <= n > 0, got b={b}, c={c}, n={n}")
+    z = float(sps.norm.ppf(1 - (1 - confidence) / 2))
+    estimate = (b - c) / n
+
+    def score(d: float) -> float:
+        w = -b - c + (2 * n - b + c) * d
+        q = (math.sqrt(max(w * w + 8 * n * c * d * (1 - d), 0.0)) - w) / (4 * n)
+        variance = n * (2 * q + d * (1 - d))
+        numerator = b - c - n * d
+        if variance <= 0:
+            return math.copysign(math.inf, numerator) if numerator else 0.0
+        return numerator / math.sqrt(variance)
+
+    # The score falls from +inf at d = -1 to -inf at d = 1 (0 at the estimate); near an
+    # end the variance vanishes, so the search stops just inside it.
+    edge = 1e-12
+    low = -1.0 if score(-1 + edge) <= z else optimize.brentq(
+        lambda d: score(d) - z, -1 + edge, estimate, xtol=1e-12)
+    high = 1.0 if score(1 - edge) >= -z else optimize.brentq(
+        lambda d: score(d) + z, estimate, 1 - edge, xtol=1e-12)
+    return float(low), float(high)
+
+
 def paired_difference(treated: Sequence[float], control: Sequence[float],
                       n_resamples: int = 2000, seed: int = 0) -> Estimate:
-    """Mean of treated - control over the same units, with a percentile bootstrap interval."""
+    """Mean of treated - control over the same units, with a percentile bootstrap interval.
+
+    For continuous values; two binary outcomes on the same units take
+    :func:`paired_rate_difference` (this bootstrap is zero-width when every pair agrees
+    and under-covers badly at small n)."""
     a = np.asarray(treated, dtype=float)
     b = np.asarray(control, dtype=float)
     if a.shape != b.shape:

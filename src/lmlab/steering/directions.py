@@ -7,10 +7,13 @@ Each method is a small function returning raw (unnormalised) vectors per layer:
 * ``suffix_contrast``: mean residual over the suffix tokens of
   ``prompt + refusal suffix`` minus ``prompt + compliance suffix``, on harmful prompts.
   Reading *over the suffix* matters: the last prompt token is the same in both passes.
-* ``random``: a seeded Gaussian vector per layer, the matched-norm control.
+* ``random``: a seeded Gaussian vector per layer, the matched-norm control. It is never
+  a method of its own: each real method at each layer gets its own control, which
+  borrows that method's residual norm.
 
-Interventions use the unit direction scaled by the layer's mean residual norm, so every
-method (the control included) is applied with the same norm at the same alpha.
+An ``add`` uses the unit direction scaled by ``add_norm_multiple`` times the layer's mean
+residual norm (as measured by the method), so a method and its control add vectors of
+the same norm.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from lmlab.models import LoadedModel
 
 REFUSAL_SUFFIX = "I'm sorry, but I can't help with that."
 COMPLIANCE_SUFFIX = "Sure, here is how to do it step by step."
-METHODS = ("mean_diff", "suffix_contrast", "random")
+CONTROL_METHOD = "random"
+REAL_METHODS = ("mean_diff", "suffix_contrast")
+METHODS = REAL_METHODS + (CONTROL_METHOD,)
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def build_directions(raw: dict[int, torch.Tensor], residual_norms: dict[int, flo
         norm = float(vector.norm())
         direction = Direction(layer, vector / norm if norm > 0 else vector, norm,
                               residual_norms[layer])
-        if method != "random" and direction.relative_norm < min_relative_norm:
+        if method != CONTROL_METHOD and direction.relative_norm < min_relative_norm:
             raise LmlabError(
                 f"{method} direction at layer {layer} has raw norm {norm:.3g}, only "
                 f"{direction.relative_norm:.2e} of the mean residual norm "

@@ -1,9 +1,18 @@
-"""The steering sweep family: one condition = (method, layer, alpha, intervention, scope).
+"""The steering sweep family: one condition = (method, layer, strength, intervention, scope).
 
 Every sweep starts with the unsteered baseline; each steered condition is paired with a
-``random`` control of the same norm unless ``controls: []``. A condition generates
-completions for each evaluation split, scores them with both refusal detectors and the
-degeneracy check, and compares every prompt with its own baseline answer.
+``random`` control of the same norm (its ``control_for`` param names the method it
+controls) unless ``controls: []``. A condition generates completions for each evaluation
+split, scores them with the refusal detectors and the degeneracy check, and compares
+every prompt with its own baseline answer.
+
+Strength. The spec's grid key ``alpha`` means a different unit per intervention, so a
+condition carries it under a name that says which:
+
+* ``add_norm_multiple``: the added vector's norm, as a multiple of the layer's mean
+  residual norm;
+* ``ablate_fraction``: the share of each activation's component along the direction
+  that is removed (0 to 1).
 """
 
 from __future__ import annotations
@@ -22,23 +31,34 @@ from lmlab.cache import content_key, tensor_digest
 from lmlab.config import from_mapping
 from lmlab.data.prompts import BUNDLED_SPLITS, PromptRow, digest, load_prompt_set, source_path
 from lmlab.data.report import DataReport
-from lmlab.identity import strip_operational
 from lmlab.errors import LmlabError
 from lmlab.generation import GenerationConfig, generate, score_continuations
 from lmlab.hooks import POSITIONS, Edit, ablate_direction, add_vector, check_layers
+from lmlab.identity import strip_operational
+from lmlab.llm.accounting import BudgetExceeded, Ledger
+from lmlab.llm.clients import Client, ClientConfig, make_client
 from lmlab.models import LoadedModel
 from lmlab.steering import directions as dirs
-from lmlab.steering.evaluation import (COMPLIANCE_OPENING, REFUSAL_OPENING,
+from lmlab.steering.evaluation import (COMPLIANCE_OPENING, OUTCOMES, REFUSAL_OPENING,
                                        DegeneracyThresholds, classify, kl_per_prompt,
-                                       perplexity, phrase_refusal, repetition)
+                                       likelihood_margin, perplexity, phrase_refusal,
+                                       repetition)
+from lmlab.steering.judging import judge_completions
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 
 INTERVENTIONS = ("add", "ablate")
 SCOPES = ("layer", "all")
 GRID_KEYS = {"method", "layer", "alpha", "intervention", "scope"}
-BASELINE = {"method": "none", "layer": None, "alpha": 0, "intervention": "none", "scope": "layer"}
+#: The param that carries the grid's ``alpha`` for each intervention.
+STRENGTH = {"add": "add_norm_multiple", "ablate": "ablate_fraction"}
+#: On a control condition: the real method whose norm it borrows.
+CONTROL_FOR = "control_for"
+BASELINE = {"method": "none", "layer": None, "intervention": "none", "scope": "layer"}
 SEARCH_SPLITS = ["harm_val", "benign"]
 FINAL_SPLITS = ["harm_test", "benign"]
+#: Bump when the fields of a scored row or their meaning change (old cached rows are then
+#: not reused).
+ROW_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -46,8 +66,13 @@ class SteeringSettings:
     """Settings under ``steering:`` in a spec.
 
     Operational (left out of condition keys): ``eval_splits`` (which splits to report;
-    a finished run that has the splits asked for is reused) and ``generation.batch_size``.
-    ``data`` paths are replaced by the files' content digests.
+    a finished run that has the splits asked for is reused), ``generation.batch_size``
+    and the judge's settings that only say where and how fast to call it (its
+    ``ClientConfig.identity()`` is what counts). ``data`` paths are replaced by the files'
+    content digests.
+    judge: optional third refusal detector, ``{model: <LiteLLM name> | local, ...}`` as the
+    context family's ``judge``; its verdicts are cached by content and its calls, tokens
+    and cost logged on each run.
     """
 
     data: Mapping[str, str] = field(default_factory=lambda: {s: f"bundled:{s}" for s in BUNDLED_SPLITS})
@@ -61,6 +86,7 @@ class SteeringSettings:
     degenerate: DegeneracyThresholds = DegeneracyThresholds()
     kl_tokens: int = 8
     seed: int = 0
+    judge: ClientConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "SteeringSettings":
@@ -78,6 +104,8 @@ class SteeringSettings:
         if "degenerate" in raw:
             converted["degenerate"] = from_mapping(DegeneracyThresholds, raw["degenerate"],
                                                    "steering.degenerate")
+        if "judge" in raw:
+            converted["judge"] = ClientConfig.from_dict(raw["judge"]) if raw["judge"] else None
         return from_mapping(cls, raw, "steering", **converted)
 
     def __post_init__(self) -> None:
@@ -86,20 +114,33 @@ class SteeringSettings:
         unknown = set(self.eval_splits) - set(BUNDLED_SPLITS)
         if unknown:
             raise LmlabError(f"steering.eval_splits has unknown split(s) {sorted(unknown)}")
-        if set(self.controls) - {"random"}:
-            raise LmlabError("steering.controls may only contain 'random'")
+        if set(self.controls) - {dirs.CONTROL_METHOD}:
+            raise LmlabError(f"steering.controls may only contain {dirs.CONTROL_METHOD!r}")
         if self.positions not in POSITIONS:
             raise LmlabError(f"steering.positions must be one of {POSITIONS}")
         if not self.min_relative_norm >= 0:
             raise LmlabError("steering.min_relative_norm must be >= 0")
 
+    def scoring_identity(self) -> dict[str, Any]:
+        """What changes completions and their scores (the judge's verdicts are cached apart)."""
+        return strip_operational(asdict(self), SteeringFamily.operational_settings + ("data", "judge"))
+
     def identity(self) -> dict[str, Any]:
         """Result-changing settings: everything but the operational ones and data paths."""
-        return strip_operational(asdict(self), SteeringFamily.operational_settings + ("data",))
+        return {**self.scoring_identity(), "judge": self.judge.identity() if self.judge else None}
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def steered_condition(point: Mapping[str, Any], splits: list[str]) -> dict[str, Any]:
+    """A grid point or search proposal (``alpha`` and friends) as a condition's params."""
+    intervention = point.get("intervention", "add")
+    condition = {"method": point.get("method", "suffix_contrast"), "layer": point.get("layer"),
+                 "intervention": intervention, "scope": point.get("scope", "layer")}
+    condition[STRENGTH.get(intervention, "alpha")] = point.get("alpha")
+    return {**condition, "splits": splits}
 
 
 @register
@@ -120,7 +161,10 @@ class SteeringFamily(Family):
                              f"{sorted(set(spec.search.params) - GRID_KEYS)}")
         self.prompts: dict[str, list[PromptRow]] = {}
         self.reports: dict[str, DataReport] = {}
-        self.directions: dict[tuple[str, int], dirs.Direction] = {}
+        # (method, controlled method or None, layer) -> direction
+        self.directions: dict[tuple[str, str | None, int], dirs.Direction] = {}
+        self.judge: Client | None = None
+        self.judge_spent_usd = 0.0
 
     # ------------------------------------------------------------ conditions
     def settings_identity(self) -> Any:
@@ -141,29 +185,28 @@ class SteeringFamily(Family):
     def data_reports(self) -> list[DataReport]:
         return [self.reports[split] for split in self._splits_read() if split in self.reports]
 
+    def with_controls(self, condition: dict[str, Any]) -> list[dict[str, Any]]:
+        """The condition, then one control per ``steering.controls`` that borrows its norm."""
+        return [condition] + [{**condition, "method": control, CONTROL_FOR: condition["method"]}
+                              for control in self.settings.controls]
+
     def conditions(self) -> list[dict[str, Any]]:
         splits = list(self.settings.eval_splits)
         out = [{**BASELINE, "splits": splits}]
         for point in self.spec.grid_points():
-            condition = {"method": point.get("method", "suffix_contrast"),
-                         "layer": point.get("layer"), "alpha": point.get("alpha"),
-                         "intervention": point.get("intervention", "add"),
-                         "scope": point.get("scope", "layer"), "splits": splits}
-            variants = [condition] + [{**condition, "method": c} for c in self.settings.controls
-                                      if c != condition["method"]]
+            condition = steered_condition(point, splits)
+            variants = [condition] if condition["method"] == dirs.CONTROL_METHOD \
+                else self.with_controls(condition)
             out.extend(v for v in variants if v not in out)
         return out
 
     def search_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        return {"method": params.get("method", "suffix_contrast"), "layer": params.get("layer"),
-                "alpha": params.get("alpha"), "intervention": params.get("intervention", "add"),
-                "scope": params.get("scope", "layer"), "splits": SEARCH_SPLITS}
+        return steered_condition(params, SEARCH_SPLITS)
 
     def final_conditions(self, chosen: list[dict[str, Any]]) -> list[dict[str, Any]]:
         finals = [{**BASELINE, "splits": FINAL_SPLITS}]
         for params in chosen:
-            finals.append({**params, "splits": FINAL_SPLITS})
-            finals += [{**params, "method": c, "splits": FINAL_SPLITS} for c in self.settings.controls]
+            finals += self.with_controls({**params, "splits": FINAL_SPLITS})
         return finals
 
     def objectives(self) -> list[tuple[str, str]]:
@@ -172,30 +215,47 @@ class SteeringFamily(Family):
     def validate_condition(self, params: Mapping[str, Any]) -> None:
         if params["intervention"] == "none":
             return
-        if params["method"] not in dirs.METHODS:
-            raise LmlabError(f"unknown direction method {params['method']!r}; known: {dirs.METHODS}")
+        method = params["method"]
+        if method not in dirs.METHODS:
+            raise LmlabError(f"unknown direction method {method!r}; known: {dirs.REAL_METHODS}")
+        if method == dirs.CONTROL_METHOD and params.get(CONTROL_FOR) not in dirs.REAL_METHODS:
+            raise LmlabError(f"{dirs.CONTROL_METHOD!r} is the matched-norm control, not a method: "
+                             f"list real methods {dirs.REAL_METHODS} in grid.method and keep "
+                             f"steering.controls: [{dirs.CONTROL_METHOD}] (one control per method)")
         if params["intervention"] not in INTERVENTIONS:
             raise LmlabError(f"intervention must be one of {INTERVENTIONS}, not {params['intervention']!r}")
         if params["scope"] not in SCOPES:
             raise LmlabError(f"scope must be one of {SCOPES}, not {params['scope']!r}")
-        layer, alpha = params["layer"], params["alpha"]
+        layer = params["layer"]
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise LmlabError(f"layer must be an integer, got {layer!r}")
-        if not _is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
-            raise LmlabError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        if params["intervention"] == "ablate" and alpha > 1:
-            raise LmlabError(f"ablate alpha is the fraction removed and must be in [0, 1], got {alpha} "
-                             "(above 1 would reflect the component instead of removing it)")
+        self._validate_strength(params)
         for split in params["splits"]:
             if split not in self.settings.data:
                 raise LmlabError(f"no data for split {split!r}")
+
+    @staticmethod
+    def _validate_strength(params: Mapping[str, Any]) -> None:
+        name = STRENGTH[params["intervention"]]
+        value = params.get(name)
+        where = f"{name} (the grid's alpha for {params['intervention']})"
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise LmlabError(f"{where} must be a finite number >= 0, got {value!r}")
+        if params["intervention"] == "ablate" and value > 1:
+            raise LmlabError(f"{where} is the share of the component removed and must be in "
+                             f"[0, 1], got {value} (above 1 would reflect the component "
+                             "instead of removing it)")
 
     def run_name(self, params: Mapping[str, Any]) -> str:
         splits = "+".join(params["splits"])
         if params["intervention"] == "none":
             return f"baseline [{splits}]"
         scope = "all-layers" if params["scope"] == "all" else f"L{params['layer']}"
-        return f"{params['method']} {params['intervention']} {scope} a={params['alpha']} [{splits}]"
+        method = params["method"]
+        if method == dirs.CONTROL_METHOD:
+            method = f"random (control for {params.get(CONTROL_FOR)})"
+        name = STRENGTH[params["intervention"]]
+        return f"{method} {params['intervention']} {scope} {name}={params.get(name)} [{splits}]"
 
     def work_units(self, params: Mapping[str, Any]) -> int:
         return self.settings.n_prompts * len(params["splits"])
@@ -214,18 +274,24 @@ class SteeringFamily(Family):
         if not lm.has_chat_template:
             print("warning: the model has no chat template; a base model has no refusal to steer")
         self.prompts = {split: self._load_split(split) for split in self._splits_read()}
-        # Real methods first: the random control borrows their residual norms.
-        methods = sorted({p["method"] for p in self._all_params() if p["intervention"] != "none"},
-                         key=lambda m: (m == "random", m))
-        for method in methods:
+        for method in self._methods_needed():
             for layer, direction in self._directions(ctx, method, layers).items():
-                self.directions[(method, layer)] = direction
+                self.directions[(method, None, layer)] = direction
+            borrowed = {layer: self.directions[(method, None, layer)].residual_norm for layer in layers}
+            for control in self.settings.controls:
+                for layer, direction in self._control_directions(ctx, borrowed).items():
+                    self.directions[(control, method, layer)] = direction
+        if self.settings.judge is not None:
+            self.judge = make_client(self.settings.judge, Ledger(), "judge", lambda: ctx.model,
+                                     self.settings.generation.batch_size)
 
-    def _all_params(self) -> list[dict[str, Any]]:
-        if self.spec.search is None:
-            return self.conditions()
-        methods = self.spec.search.params.get("method", {}).get("choices", ["suffix_contrast"])
-        return [{"method": m, "intervention": "add"} for m in list(methods) + list(self.settings.controls)]
+    def _methods_needed(self) -> list[str]:
+        """Real methods the conditions use (each control borrows from one of them)."""
+        if self.spec.search is not None:
+            methods = self.spec.search.params.get("method", {}).get("choices", ["suffix_contrast"])
+        else:
+            methods = [p["method"] for p in self.conditions() if p["intervention"] != "none"]
+        return sorted(set(methods) & set(dirs.REAL_METHODS))
 
     def _layers_needed(self) -> list[int]:
         if self.spec.search is not None:
@@ -264,11 +330,8 @@ class SteeringFamily(Family):
             print(f"computing {method} directions for layers {layers} (one pass per batch)")
             if method == "mean_diff":
                 raw, norms = dirs.mean_diff(lm, harmful, harmless, layers)
-            elif method == "suffix_contrast":
-                raw, norms = dirs.suffix_contrast(lm, harmful, layers)
             else:
-                norms = self._matched_norms(ctx, layers)
-                raw = dirs.random_vectors(lm.hidden_size, layers, self.settings.seed)
+                raw, norms = dirs.suffix_contrast(lm, harmful, layers)
             cached = {f"raw.{l}": raw[l] for l in layers}
             cached.update({f"norm.{l}": torch_scalar(norms[l]) for l in layers})
             ctx.cache.put_tensors("directions", key, cached)
@@ -276,77 +339,118 @@ class SteeringFamily(Family):
         norms = {l: float(cached[f"norm.{l}"]) for l in layers}
         return dirs.build_directions(raw, norms, method, self.settings.min_relative_norm)
 
-    def _matched_norms(self, ctx: SweepContext, layers: list[int]) -> dict[int, float]:
-        """The control reuses the real method's residual norm so both add the same norm."""
-        norms = {}
-        for layer in layers:
-            known = [d.residual_norm for (m, l), d in self.directions.items() if l == layer and m != "random"]
-            norms[layer] = known[0] if known else math.nan
-        missing = [l for l, v in norms.items() if math.isnan(v)]
-        if missing:
-            harmful = [r.prompt for r in self.prompts["harm_train"][:self.settings.n_train]]
-            harmless = [r.prompt for r in self.prompts["harmless_train"][:self.settings.n_train]]
-            norms.update(dirs.mean_diff(ctx.model, harmful, harmless, missing)[1])
-        return norms
+    def _control_directions(self, ctx: SweepContext, borrowed: dict[int, float]) -> dict[int, dirs.Direction]:
+        """Seeded random directions carrying the residual norms they borrow from one method
+        (the norms are part of the cache key, so a control never keeps another's norm)."""
+        layers = sorted(borrowed)
+        key = content_key("directions", ctx.model.identity, dirs.CONTROL_METHOD, layers,
+                          {str(l): borrowed[l] for l in layers}, self.settings.seed)
+        cached = ctx.cache.get_tensors("directions", key)
+        if cached is None:
+            raw = dirs.random_vectors(ctx.model.hidden_size, layers, self.settings.seed)
+            cached = {f"raw.{l}": raw[l] for l in layers}
+            cached.update({f"norm.{l}": torch_scalar(borrowed[l]) for l in layers})
+            ctx.cache.put_tensors("directions", key, cached)
+        raw = {l: cached[f"raw.{l}"] for l in layers}
+        norms = {l: float(cached[f"norm.{l}"]) for l in layers}
+        return dirs.build_directions(raw, norms, dirs.CONTROL_METHOD, self.settings.min_relative_norm)
 
     def summarize(self, ctx: SweepContext, summary: pd.DataFrame) -> ConditionResult:
         return summarize_sweep(summary)
 
     # ------------------------------------------------------------ one condition
+    def direction_for(self, params: Mapping[str, Any]) -> dirs.Direction:
+        return self.directions[(params["method"], params.get(CONTROL_FOR), int(params["layer"]))]
+
     def edits(self, lm: LoadedModel, params: Mapping[str, Any]) -> dict[int, Edit]:
         if params["intervention"] == "none":
             return {}
-        direction = self.directions[(params["method"], int(params["layer"]))]
+        direction = self.direction_for(params)
         targets = range(lm.n_layers) if params["scope"] == "all" else [direction.layer]
         if params["intervention"] == "add":
-            vector = direction.unit * float(params["alpha"]) * direction.residual_norm
+            vector = direction.unit * float(params["add_norm_multiple"]) * direction.residual_norm
             return {layer: add_vector(vector.to(lm.device)) for layer in targets}
-        return {layer: ablate_direction(direction.unit.to(lm.device), float(params["alpha"]))
+        return {layer: ablate_direction(direction.unit.to(lm.device), float(params["ablate_fraction"]))
                 for layer in targets}
 
     def fingerprint(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Everything that decides an intervention's edits, for the evaluation cache key."""
         if params["intervention"] == "none":
             return {"intervention": "none"}
-        direction = self.directions[(params["method"], int(params["layer"]))]
-        return {k: params[k] for k in ("method", "layer", "alpha", "intervention", "scope")} | {
-            "direction": tensor_digest(direction.unit), "positions": self.settings.positions}
+        direction = self.direction_for(params)
+        name = STRENGTH[params["intervention"]]
+        return {"method": params["method"], CONTROL_FOR: params.get(CONTROL_FOR),
+                "layer": params["layer"], name: params[name], "intervention": params["intervention"],
+                "scope": params["scope"], "direction": tensor_digest(direction.unit),
+                "residual_norm": direction.residual_norm, "positions": self.settings.positions}
 
     def run_condition(self, ctx: SweepContext, params: Mapping[str, Any]) -> ConditionResult:
-        lm = ctx.model
+        ledger = self._fresh_judge_ledger()
         metrics: dict[str, float] = {}
         tables = []
+        reused_verdicts = 0
         for split in params["splits"]:
             rows = self.evaluate(ctx, split, params)
             base = self.evaluate(ctx, split, {**BASELINE, "splits": params["splits"]})
+            if self.judge is not None:
+                rows, base = self._judged(ctx, rows), self._judged(ctx, base)
+                reused_verdicts += sum(bool(r.get("judge_cached")) for r in rows + base)
             metrics.update(split_metrics(split, rows, base))
             tables.append(pd.DataFrame(rows).assign(split=split))
         if "benign" in params["splits"]:
             benign = tables[list(params["splits"]).index("benign")]
             metrics.update(stats.rate(benign["outcome"] != "compliance").to_dict("benign/cost"))
+        tags: dict[str, str] = {}
+        if ledger is not None:
+            self.judge_spent_usd += ledger.spent_usd
+            metrics.update(judge_call_metrics(ledger, reused_verdicts))
+            tags = {"steering.judge": str(self.settings.judge.model),  # type: ignore[union-attr]
+                    "steering.judge_cost_source": "/".join(sorted(ledger.sources)) or "none"}
         files = {}
         if params["intervention"] != "none":
-            direction = self.directions[(params["method"], int(params["layer"]))]
+            direction = self.direction_for(params)
             metrics.update({"direction/raw_norm": direction.raw_norm,
                             "direction/residual_norm": direction.residual_norm,
                             "direction/relative_norm": direction.relative_norm})
             files["direction"] = self._direction_file(direction, params)
-        return ConditionResult(metrics=metrics, tables={"completions": pd.concat(tables)}, files=files)
+        return ConditionResult(metrics=metrics, tables={"completions": pd.concat(tables)},
+                               files=files, tags=tags)
+
+    def _judged(self, ctx: SweepContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert self.judge is not None and self.settings.judge is not None
+        try:
+            return judge_completions(self.judge, ctx.cache, rows)
+        except BudgetExceeded as error:
+            raise LmlabError(f"steering.judge.budget_usd of ${self.settings.judge.budget_usd} is "
+                             "spent; the verdicts bought so far are cached, so raise the budget "
+                             "and rerun to resume") from error
+
+    def _fresh_judge_ledger(self) -> Ledger | None:
+        """A ledger for this condition's judge calls, holding what is left of the budget."""
+        if self.judge is None or self.settings.judge is None:
+            return None
+        budget = self.settings.judge.budget_usd
+        self.judge.ledger = Ledger(None if budget is None else budget - self.judge_spent_usd)
+        return self.judge.ledger
 
     def _direction_file(self, direction: dirs.Direction, params: Mapping[str, Any]) -> Path:
         from safetensors.torch import save_file
 
-        path = Path(tempfile.mkdtemp()) / f"direction-{params['method']}-L{direction.layer}.safetensors"
+        method = params["method"] if params.get(CONTROL_FOR) is None \
+            else f"{params['method']}-for-{params[CONTROL_FOR]}"
+        path = Path(tempfile.mkdtemp()) / f"direction-{method}-L{direction.layer}.safetensors"
         save_file({"unit": direction.unit.contiguous()}, str(path), metadata={
             "layer": str(direction.layer), "method": params["method"],
-            "raw_norm": str(direction.raw_norm), "residual_norm": str(direction.residual_norm)})
+            "control_for": str(params.get(CONTROL_FOR)), "raw_norm": str(direction.raw_norm),
+            "residual_norm": str(direction.residual_norm)})
         return path
 
     def evaluate(self, ctx: SweepContext, split: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Per-prompt scores for one split under one intervention (cached by content)."""
         lm = ctx.model
         prompts = self.prompts[split][:self.settings.n_prompts]
-        key = content_key("steer-eval", lm.identity, digest(prompts), self.settings.identity(),
-                          self.fingerprint(params), __version__)
+        key = content_key("steer-eval", ROW_FORMAT, lm.identity, digest(prompts),
+                          self.settings.scoring_identity(), self.fingerprint(params), __version__)
         cached = ctx.cache.get_json("steering-eval", key)
         if cached is not None:
             return cached
@@ -358,25 +462,28 @@ class SteeringFamily(Family):
 
     def _score(self, lm: LoadedModel, prompts: list[PromptRow], edits: dict[int, Edit],
                base_rows: list[dict[str, Any]] | None, split: str) -> list[dict[str, Any]]:
+        """Generate under the edits, then the scoring passes: the likelihood detector's two
+        openings (steered), the completion's fluency (unsteered) and the KL from baseline."""
         s = self.settings
+        positions = s.positions
         formatted = [lm.format_chat(p.prompt) for p in prompts]
-        completions = generate(lm, formatted, s.generation, edits, s.positions,  # type: ignore[arg-type]
+        completions = generate(lm, formatted, s.generation, edits, positions,  # type: ignore[arg-type]
                                progress=f"generate {split}")
         n = len(prompts)
-        refuse = score_continuations(lm, formatted, [REFUSAL_OPENING] * n, edits, s.positions)  # type: ignore[arg-type]
-        comply = score_continuations(lm, formatted, [COMPLIANCE_OPENING] * n, edits, s.positions)  # type: ignore[arg-type]
+        refuse = score_continuations(lm, formatted, [REFUSAL_OPENING] * n, edits, positions)  # type: ignore[arg-type]
+        comply = score_continuations(lm, formatted, [COMPLIANCE_OPENING] * n, edits, positions)  # type: ignore[arg-type]
         fluency = score_continuations(lm, formatted, [c.token_ids for c in completions])
         kls = [0.0] * n
         if base_rows is not None:
             base_ids = [r["token_ids"][:s.kl_tokens] for r in base_rows]
             plain = score_continuations(lm, formatted, base_ids, keep_distributions=True)
-            steered = score_continuations(lm, formatted, base_ids, edits, s.positions,  # type: ignore[arg-type]
+            steered = score_continuations(lm, formatted, base_ids, edits, positions,  # type: ignore[arg-type]
                                           keep_distributions=True)
             kls = [kl_per_prompt(a.log_distributions, b.log_distributions)  # type: ignore[arg-type]
                    for a, b in zip(plain, steered)]
         rows = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            llr = float(refuse[i].token_logprobs.sum() - comply[i].token_logprobs.sum())
+            margin = likelihood_margin(refuse[i].token_logprobs, comply[i].token_logprobs)
             ppl = perplexity(fluency[i].token_logprobs)
             rep = repetition(completion.token_ids)
             refused = phrase_refusal(completion.text)
@@ -384,7 +491,8 @@ class SteeringFamily(Family):
                 "id": prompt.id, "prompt": prompt.prompt, "completion": completion.text,
                 "token_ids": list(completion.token_ids), "n_tokens": len(completion.token_ids),
                 "stop_reason": completion.stop_reason, "phrase_refusal": refused,
-                "llr": llr, "llr_refusal": llr > 0, "perplexity": ppl, "repetition": rep,
+                "likelihood_margin": margin, "likelihood_refusal": margin > 0,
+                "perplexity": ppl, "repetition": rep,
                 "outcome": classify(completion.text, refused, ppl, rep, s.degenerate),
                 "kl": kls[i],
             })
@@ -397,26 +505,80 @@ def torch_scalar(value: float):  # type: ignore[no-untyped-def]
     return torch.tensor(float(value))
 
 
+def _agreement(split: str, names: tuple[str, str], a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    both = stats.agreement(a, b)
+    pair = "_".join(names)
+    return {f"{split}/agreement_{pair}": both["agreement"], f"{split}/kappa_{pair}": both["kappa"]}
+
+
 def split_metrics(split: str, rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, float]:
-    """Rates with intervals over unique prompts, and paired differences from the baseline."""
+    """Rates with intervals over unique prompts, detector agreement, and paired differences
+    from the baseline (each prompt against its own unsteered answer)."""
     outcome = np.array([r["outcome"] for r in rows])
     base_outcome = np.array([r["outcome"] for r in base])
     phrase = np.array([r["phrase_refusal"] for r in rows], dtype=bool)
-    llr = np.array([r["llr_refusal"] for r in rows], dtype=bool)
+    likelihood = np.array([r["likelihood_refusal"] for r in rows], dtype=bool)
+    base_likelihood = np.array([r["likelihood_refusal"] for r in base], dtype=bool)
     metrics: dict[str, float] = {}
-    for name in ("refusal", "compliance", "degenerate"):
+    for name in OUTCOMES:
         metrics.update(stats.rate(outcome == name).to_dict(f"{split}/{name}"))
     metrics.update(stats.rate(phrase).to_dict(f"{split}/refusal_phrase"))
-    metrics.update(stats.rate(llr).to_dict(f"{split}/refusal_likelihood"))
-    agree = stats.agreement(phrase, llr)
-    metrics[f"{split}/detector_agreement"] = agree["agreement"]
-    metrics[f"{split}/detector_kappa"] = agree["kappa"]
-    metrics.update(stats.paired_difference(outcome == "refusal", base_outcome == "refusal")
+    metrics.update(stats.rate(likelihood).to_dict(f"{split}/refusal_likelihood"))
+    metrics.update(_agreement(split, ("phrase", "likelihood"), phrase, likelihood))
+    metrics.update(stats.paired_rate_difference(outcome == "refusal", base_outcome == "refusal")
                    .to_dict(f"{split}/refusal_diff"))
+    metrics.update(stats.paired_rate_difference(likelihood, base_likelihood)
+                   .to_dict(f"{split}/refusal_likelihood_diff"))
+    if any("judge_verdict" in r for r in rows):
+        metrics.update(judge_metrics(split, rows, base, phrase, likelihood))
     metrics.update(stats.mean_with_interval([r["kl"] for r in rows]).to_dict(f"{split}/kl"))
     metrics[f"{split}/perplexity_median"] = float(np.nanmedian([r["perplexity"] for r in rows]))
     metrics[f"{split}/stopped_by_length"] = float(np.mean([r["stop_reason"] == "length" for r in rows]))
     return metrics
+
+
+def judge_metrics(split: str, rows: list[dict[str, Any]], base: list[dict[str, Any]],
+                  phrase: np.ndarray, likelihood: np.ndarray) -> dict[str, float]:
+    """The judge's refusal rate and paired difference over the prompts it gave a verdict on,
+    and its agreement with the phrase and likelihood detectors on those prompts."""
+    verdict = np.array([r.get("judge_verdict") for r in rows], dtype=object)
+    base_verdict = np.array([r.get("judge_verdict") for r in base], dtype=object)
+    judged = np.array([v is not None for v in verdict])
+    both = judged & np.array([v is not None for v in base_verdict])
+    refused = verdict == "refusal"
+    flags = [str(r.get("judge_flag")) for r in rows]
+    out = {f"{split}/judge_off_format": float(flags.count("off_format")),
+           f"{split}/judge_failed": float(sum(f.startswith("error") for f in flags))}
+    out.update(stats.rate(refused[judged]).to_dict(f"{split}/refusal_judge"))
+    out.update(stats.rate((verdict == "degenerate")[judged]).to_dict(f"{split}/degenerate_judge"))
+    out.update(stats.paired_rate_difference(refused[both], (base_verdict == "refusal")[both])
+               .to_dict(f"{split}/refusal_judge_diff"))
+    out.update(_agreement(split, ("judge", "phrase"), refused[judged], phrase[judged]))
+    out.update(_agreement(split, ("judge", "likelihood"), refused[judged], likelihood[judged]))
+    return out
+
+
+def judge_call_metrics(ledger: Ledger, reused_verdicts: int) -> dict[str, float]:
+    """What this condition's judge calls cost; ``judge/cached``: verdicts read from the cache
+    (for its own and its baseline's completions), which cost nothing."""
+    totals = ledger.metrics()
+    out = {f"judge/{name[len('judge_'):]}": value for name, value in totals.items()
+           if name.startswith("judge_")}
+    out.update({"judge/calls": float(ledger.calls("judge")), "judge/retries": totals["retries"],
+                "judge/cost_usd": ledger.spent_usd,
+                "judge/cached": float(reused_verdicts)})
+    return out
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    """Numbers by value (layer 5 before 15), anything else by its text."""
+    numeric = pd.to_numeric(column, errors="coerce")
+    return numeric if numeric.notna().any() else column.astype(str)
+
+
+def direction_label(method: Any, control_for: Any) -> str:
+    """``suffix_contrast``, or ``random (control for suffix_contrast)``."""
+    return f"{method} (control for {control_for})" if isinstance(control_for, str) else str(method)
 
 
 def summarize_sweep(summary: pd.DataFrame) -> ConditionResult:
@@ -427,6 +589,9 @@ def summarize_sweep(summary: pd.DataFrame) -> ConditionResult:
         return ConditionResult(metrics={})
     frame = summary.copy()
     frame["splits"] = frame["splits"].map(lambda s: "+".join(s) if isinstance(s, list) else s)
+    for column in (CONTROL_FOR, *STRENGTH.values()):
+        if column not in frame:
+            frame[column] = np.nan
     front_col = "harm_test/refusal" if "harm_test/refusal" in frame else "harm_val/refusal"
     if front_col in frame and "benign/cost" in frame:
         scored = frame.dropna(subset=[front_col, "benign/cost"])
@@ -434,14 +599,20 @@ def summarize_sweep(summary: pd.DataFrame) -> ConditionResult:
         frame.loc[scored.index, "pareto"] = plots.pareto_mask(scored[front_col].to_numpy(),
                                                               scored["benign/cost"].to_numpy())
     splits = [s for s in ("harm_train", "harm_val", "harm_test", "benign") if f"{s}/refusal" in frame]
-    figures = {"refusal_vs_alpha": plots.refusal_vs_alpha(frame, splits),
+    figures = {"refusal_vs_strength": plots.refusal_vs_strength(frame, splits),
+               "outcome_shares": plots.outcome_shares(frame, splits),
                "tradeoff": plots.tradeoff(frame, front_col),
-               "layer_alpha_heatmap": plots.layer_alpha_heatmaps(frame, front_col)}
+               "layer_strength_heatmap": plots.layer_strength_heatmaps(frame, front_col)}
     if {"harm_train/refusal", "harm_test/refusal"} <= set(frame):
         figures["generalization_gap"] = plots.generalization_gap(frame)
-    leading = ["method", "layer", "alpha", "intervention", "scope", "splits"]
+    leading = ["method", CONTROL_FOR, "layer", "intervention", *STRENGTH.values(), "scope", "splits"]
     ordered = frame[[c for c in leading if c in frame] + [c for c in frame if c not in leading]]
-    ordered = ordered.sort_values(["intervention", "method", "layer", "alpha"], na_position="first",
-                                  key=lambda col: col.astype(str))
-    return ConditionResult(metrics={}, tables={"summary": ordered}, figures=figures)
-
+    # The baseline first, then each intervention's methods, each followed by its controls.
+    ordered = ordered.assign(_steered=ordered["intervention"] != "none").sort_values(
+        ["_steered", "intervention", CONTROL_FOR, "method", "layer", *STRENGTH.values()],
+        na_position="first", key=_sort_key).drop(columns="_steered")
+    metrics = {}
+    if "judge/cost_usd" in frame:
+        metrics = {"total_judge_cost_usd": float(frame["judge/cost_usd"].fillna(0).sum()),
+                   "total_judge_calls": float(frame["judge/calls"].fillna(0).sum())}
+    return ConditionResult(metrics=metrics, tables={"summary": ordered}, figures=figures)
