@@ -223,8 +223,18 @@ class Tracker:
             Dataset(name=r.name, digest=r.digest, source_type="local",
                     source=json.dumps({"uri": r.source}), profile=json.dumps(r.profile())),
             tags=[InputTag("mlflow.data.context", r.name)]) for r in reports]
-        if inputs:
-            self._timed(self.client.log_inputs, run_id, datasets=inputs)
+        if not inputs:
+            return
+        for attempt in range(3):
+            try:
+                self._timed(self.client.log_inputs, run_id, datasets=inputs)
+                return
+            except mlflow.exceptions.MlflowException:
+                # Two workers creating the same dataset row at once: one insert loses the
+                # unique-constraint race; the row exists now, so linking it again succeeds.
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self._timed(self.client.log_text, run_id, text, name)
