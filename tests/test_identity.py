@@ -242,3 +242,11 @@ def test_the_thread_count_is_logged_on_the_parent_and_is_not_part_of_any_key(
     finally:
         torch.set_num_threads(1)  # keep the rest of the test session single-threaded
     assert len(calls) == 2 and threaded.study_name == spec.study_name
+
+
+def test_prompts_longer_than_max_prompt_chars_are_dropped_and_counted(store: Path,
+                                                                       data_dir: Path) -> None:
+    outcome = run_sweep(tiny_spec(data_dir, max_prompt_chars=150))
+    metrics = MlflowClient().get_run(outcome.parent_run_id).data.metrics
+    assert metrics["data/harm_test/dropped_too_long"] > 0
+    assert metrics["data/harm_test/rows_kept"] == 3

@@ -87,6 +87,7 @@ class SteeringSettings:
     kl_tokens: int = 8
     seed: int = 0
     judge: ClientConfig | None = None
+    max_prompt_chars: int | None = None  # longer prompts are dropped (counted as too_long)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "SteeringSettings":
@@ -307,7 +308,8 @@ class SteeringFamily(Family):
         return set(self.settings.eval_splits)
 
     def _load_split(self, split: str) -> list[PromptRow]:
-        rows, report = load_prompt_set(self.settings.data[split], split)
+        rows, report = load_prompt_set(self.settings.data[split], split,
+                                       max_chars=self.settings.max_prompt_chars)
         limit = self.settings.n_train if split in ("harm_train", "harmless_train") else self.settings.n_prompts
         if split == "harm_train":
             limit = max(limit, self.settings.n_prompts)
