@@ -130,20 +130,25 @@ def resolve_device(requested: str = "auto") -> torch.device:
         except (RuntimeError, TypeError):
             raise LmlabError(f"model.device must be auto or a torch device such as cpu, cuda "
                              f"or cuda:1, not {requested!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise LmlabError(f"model.device is {requested!r}, but torch sees no CUDA device here")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise LmlabError(f"model.device is {requested!r}, but torch sees only "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                         and torch.backends.mps.is_available()):
-            raise LmlabError(f"model.device is {requested!r}, but MPS is not available here")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_available(device: torch.device) -> None:
+    """Refuse, before loading, a device this machine does not have (identities may still
+    name it: a key can be computed anywhere)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmlabError(f"model.device is {str(device)!r}, but torch sees no CUDA device here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LmlabError(f"model.device is {str(device)!r}, but torch sees only "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise LmlabError(f"model.device is {str(device)!r}, but MPS is not available here")
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -230,8 +235,9 @@ def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     spec = spec or ModelSpec()
     if spec.name.startswith(TINY_PREFIX):
         return _load_tiny(spec)
-    location = _weights_location(spec)
     device = resolve_device(spec.device)
+    check_available(device)
+    location = _weights_location(spec)
     dtype = resolve_dtype(spec.dtype, device)
     quantization = _quantization_config(spec)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -264,8 +270,9 @@ def _load_tiny(spec: ModelSpec) -> LoadedModel:
     Quantization needs weights on disk (bitsandbytes quantizes while loading), so the
     random model is saved to a scratch directory and loaded back through it.
     """
-    tiny = tiny_model(spec.name[len(TINY_PREFIX):])
     device = resolve_device(spec.device)
+    check_available(device)
+    tiny = tiny_model(spec.name[len(TINY_PREFIX):])
     dtype = resolve_dtype(spec.dtype, device)
     model = tiny.model
     if spec.quantization == "none":
