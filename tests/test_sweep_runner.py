@@ -16,7 +16,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from lmlab.errors import LmlabError
@@ -24,8 +23,6 @@ from lmlab.steering.family import SteeringFamily
 from lmlab.sweeps.runner import run_sweep
 from lmlab.sweeps.spec import parse_spec
 from lmlab.tracking import FAILURE_TAG, KEY_TAG, PARENT_TAG, condition_key
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY_SPEC = {
     "family": "steering",
@@ -189,28 +186,38 @@ def test_adaptive_search_runs_its_trial_budget_then_tests_the_pareto_configs(sto
     assert calls == [], "a finished study must not run new trials"
 
 
-def _write_spec(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
+def _forked_worker(raw: dict) -> None:
+    """One sweep worker in a forked process: its own pid, lock claims and MLflow connections,
+    without the 20-60 s a fresh interpreter spends importing torch and MLflow again."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store_class in (TrackingStore, RegistryStore):
+        for engine in store_class._engine_map.values():
+            engine.dispose(close=False)  # SQLAlchemy's rule after fork: new connections, own pool
+    run_sweep(parse_spec(raw))
 
 
 def test_two_workers_share_a_study_without_repeating_a_condition(store: Path) -> None:
-    spec = _write_spec(store / "shared.yaml", TINY_SPEC)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
-    env.pop("MLFLOW_RUN_ID", None)
+    import multiprocessing
+
     MlflowClient().search_experiments()  # create the schema before fanning out
-    workers = [subprocess.Popen([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), "--spec", str(spec)],
-                                env=env, cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
+    fork = multiprocessing.get_context("fork")
+    workers = [fork.Process(target=_forked_worker, args=(TINY_SPEC,)) for _ in range(2)]
     for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-2000:]
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=600)
+        assert worker.exitcode == 0, "a worker failed (its traceback is in the captured stderr)"
     client = MlflowClient()
     experiment = client.get_experiment_by_name("steering")
     finished = client.search_runs([experiment.experiment_id],
                                   filter_string="attributes.status = 'FINISHED'")
     keys = [r.data.tags[KEY_TAG] for r in finished if KEY_TAG in r.data.tags]
     assert len(keys) == 5 and len(set(keys)) == 5
+    parents = {r.data.tags.get("lmlab.pid") for r in client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`lmlab.role` = 'sweep'")}
+    assert len(parents) == 2 and os.getpid() not in {int(p) for p in parents}
 
 
 def test_a_fresh_store_made_from_the_migrated_template_is_a_whole_store(store: Path) -> None:
