@@ -44,12 +44,15 @@ def test_mode_override(value: str) -> bool | None:
 @exit_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(argv)
-    from lmlab.sweeps.spec import load_spec, parse_overrides
+    from lmlab.sweeps.specfile import parse_overrides, read_spec_file
 
     overrides = {**parse_overrides(rest), "storage": args.storage,
                  "test_mode": test_mode_override(args.test_mode)}
-    spec = load_spec(args.spec, overrides)
+    raw = read_spec_file(args.spec, overrides)  # file and YAML errors before the slow imports
     from lmlab.sweeps.runner import run_sweep, ui_hint
+    from lmlab.sweeps.spec import parse_spec
+
+    spec = parse_spec(raw, origin=args.spec)
 
     outcome = run_sweep(spec, experiment_name=args.experiment_name)
     print(f"\nsweep {spec.name!r} finished: {len(outcome.summary)} conditions, "

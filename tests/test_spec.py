@@ -16,7 +16,8 @@ import yaml
 
 from lmlab.config import conforms, describe, from_mapping
 from lmlab.errors import LmlabError
-from lmlab.sweeps.spec import apply_overrides, known_families, load_spec, parse_overrides
+from lmlab.sweeps.spec import known_families, load_spec
+from lmlab.sweeps.specfile import apply_overrides, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
