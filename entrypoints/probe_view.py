@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts src/ on the path when lmlab is not installed)
-from lmlab.errors import LmlabError, exit_cleanly_on_user_error
+from lmlab.errors import ArgumentParser, LmlabError, exit_cleanly_on_user_error
 
 DEFAULT_TEXT = ("Let me compute 7 times 8. That is 54. Wait, that's not right: 7 times 8 is 56.\n\n"
                 "So the answer is 56.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="probe-backtracking-smollm2-135m",
                         help="registered model name (probe-<label>-<model>)")
     parser.add_argument("--alias", default="champion", help="registered model alias")
@@ -32,21 +32,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_text(args: argparse.Namespace) -> str:
+    """The text to score (checked before the slow imports, so a typo fails at once)."""
+    text = args.text
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise LmlabError(f"text file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise LmlabError(f"text file {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise LmlabError("the text to score is empty")
+    return text
+
+
 @exit_cleanly_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    text = read_text(args)
     import mlflow
 
     from lmlab.models import ModelSpec, load_model
     from lmlab.probes.registry import load_registered
     from lmlab.probes.view import probe_metadata, render_html, score_text
 
-    text = args.text
-    if args.text_file:
-        path = Path(args.text_file)
-        if not path.is_file():
-            raise LmlabError(f"text file not found: {path}")
-        text = path.read_text()
     probe = load_registered(args.name, args.alias)
     meta = probe_metadata(probe)
     lm = load_model(ModelSpec(name=str(meta["model"])))

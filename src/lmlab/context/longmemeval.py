@@ -320,7 +320,8 @@ def score(question: Question) -> Callable[[Reply], dict[str, Any]]:
 
 @dataclass(frozen=True)
 class LongMemEvalSettings:
-    data: Any = BUNDLED  # 'bundled', an official JSON path, or {focused: csv, full: csv}
+    # 'bundled', an official JSON path, or {focused: csv, full: csv}
+    data: str | Mapping[str, str] | None = BUNDLED
 
 
 class LongMemEvalTask:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from lmlab.llm.clients import ClientConfig
+from lmlab.config import from_mapping, suggest
 from lmlab.errors import LmlabError
+from lmlab.llm.clients import ClientConfig
 
 TASKS = ("niah", "longmemeval", "repeated_words")
 _OPERATIONAL = {"row_store", "batch_size", "test_samples"}
@@ -56,10 +57,11 @@ class ContextSettings:
             raise LmlabError(f"context.task is required: one of {TASKS}")
         common = {f.name for f in fields(cls)} - {"task_settings"}
         values = {k: v for k, v in raw.items() if k in common}
-        values["subject"] = ClientConfig.from_dict(raw.get("subject"))
-        values["judge"] = ClientConfig.from_dict(raw["judge"]) if raw.get("judge") else None
+        subject = ClientConfig.from_dict(raw.get("subject"), "context.subject")
+        judge = ClientConfig.from_dict(raw["judge"], "context.judge") if raw.get("judge") else None
         task_settings = {k: v for k, v in raw.items() if k not in common}
-        return cls(**values, task_settings=task_settings)
+        return from_mapping(cls, values, "context", subject=subject, judge=judge,
+                            task_settings=task_settings)
 
     def identity(self) -> dict[str, Any]:
         """Settings that change results; where rows live and how fast we call do not."""
@@ -72,12 +74,17 @@ class ContextSettings:
 
 
 def build_task_settings(cls: type, raw: Mapping[str, Any], task: str) -> Any:
-    allowed = {f.name for f in fields(cls)}
-    unknown = set(raw) - allowed
+    allowed = sorted({f.name for f in fields(cls)} | common_keys())
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if len(unknown) == 1:
+        raise LmlabError(f"unknown context key {unknown[0]!r} for task {task}; "
+                         f"{suggest(unknown[0], allowed)}")
     if unknown:
-        raise LmlabError(f"unknown context key(s) for task {task}: {sorted(unknown)}; "
-                         f"task keys: {sorted(allowed)}")
-    try:
-        return cls(**raw)
-    except TypeError as error:
-        raise LmlabError(f"context settings for {task}: {error}") from error
+        raise LmlabError(f"unknown context keys {unknown} for task {task}; "
+                         f"known: {', '.join(allowed)}")
+    return from_mapping(cls, raw, "context")
+
+
+def common_keys() -> set[str]:
+    """The keys of ``context:`` every task shares (the task's own keys come on top)."""
+    return {f.name for f in fields(ContextSettings)} - {"task_settings"}

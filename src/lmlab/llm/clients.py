@@ -104,18 +104,22 @@ class ClientConfig:
                              "e.g. openai/<name> or anthropic/<name>")
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | str | None) -> "ClientConfig":
+    def from_dict(cls, raw: Mapping[str, Any] | str | None, where: str = "subject") -> "ClientConfig":
+        """From a spec block: a model name, or a mapping checked key by key (``where`` names
+        the block in messages, e.g. ``context.judge``)."""
+        from lmlab.config import from_mapping
+
         if raw is None:
             return cls()
-        if isinstance(raw, str):
-            return cls(model=raw)
-        if "api_key" in raw:
-            raise LmlabError("put API keys in the environment or .env, and name the variable "
-                             "with api_key_env")
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise LmlabError(f"unknown subject/judge key(s): {sorted(unknown)}")
-        return cls(**raw)
+        if isinstance(raw, Mapping) and "api_key" in raw:
+            raise LmlabError(f"{where}: put API keys in the environment or .env, and name the "
+                             "variable with api_key_env")
+        try:
+            return cls(model=raw) if isinstance(raw, str) else from_mapping(cls, raw, where)
+        except LmlabError as error:
+            if where in str(error):
+                raise
+            raise LmlabError(f"{where}: {error}") from None
 
     def identity(self) -> dict[str, Any]:
         """Fields that change answers (where and how fast we call do not)."""

@@ -106,7 +106,8 @@ class SteeringSettings:
             converted["degenerate"] = from_mapping(DegeneracyThresholds, raw["degenerate"],
                                                    "steering.degenerate")
         if "judge" in raw:
-            converted["judge"] = ClientConfig.from_dict(raw["judge"]) if raw["judge"] else None
+            converted["judge"] = (ClientConfig.from_dict(raw["judge"], "steering.judge")
+                                  if raw["judge"] else None)
         return from_mapping(cls, raw, "steering", **converted)
 
     def __post_init__(self) -> None:
