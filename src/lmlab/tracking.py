@@ -97,7 +97,8 @@ TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql"
 
 def _check_sqlite_path(uri: str) -> None:
     """Fail fast where MLflow would retry for minutes: the file must be creatable and writable."""
-    path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+    raw = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = Path(raw[len("file:"):] if raw.startswith("file:") else raw).expanduser()
     if uri.startswith("sqlite:///:memory:") or not str(path):
         return
     if not path.parent.is_dir():

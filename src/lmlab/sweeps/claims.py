@@ -44,16 +44,24 @@ from optuna.trial import FrozenTrial, TrialState
 from lmlab.errors import LmlabError
 from lmlab.tracking import HOST_TAG, PID_TAG, mask_url, owner_is_dead, owner_tags
 
-#: One token per worker process: tells its own claims from those of a reused pid.
-WORKER_TOKEN = uuid.uuid4().hex
 TOKEN_TAG = "lmlab.worker"
+_TOKEN: tuple[int, str] = (-1, "")
 #: ``trial_id`` of a claim its winner gave back without computing (the run was finished).
 RELEASED = -1
 CLAIMS_TABLE = "lmlab_claims"
 
 
+def worker_token() -> str:
+    """One random token per worker process (a forked child gets its own): tells its
+    claims from those of another process, even one that reuses its pid."""
+    global _TOKEN
+    if _TOKEN[0] != os.getpid():
+        _TOKEN = (os.getpid(), uuid.uuid4().hex)
+    return _TOKEN[1]
+
+
 def worker_owner() -> dict[str, str]:
-    return {**owner_tags(), TOKEN_TAG: WORKER_TOKEN}
+    return {**owner_tags(), TOKEN_TAG: worker_token()}
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class ClaimRecord:
 
     @property
     def mine(self) -> bool:
-        return self.owner.get(TOKEN_TAG) == WORKER_TOKEN
+        return self.owner.get(TOKEN_TAG) == worker_token()
 
 
 class ClaimBoard(ABC):
@@ -218,7 +226,7 @@ class JournalClaimBoard(ClaimBoard):
 
     def attach(self, key: str, epoch: int, trial_id: int) -> None:
         self._backend.append_logs([{"op": "attach", "key": key, "epoch": epoch,
-                                    "token": WORKER_TOKEN, "trial_id": trial_id}])
+                                    "token": worker_token(), "trial_id": trial_id}])
 
 
 @dataclass(frozen=True)
