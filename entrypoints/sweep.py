@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", default="sweeps/smoke.yaml", help="path to a sweep YAML spec")
     parser.add_argument("--experiment-name", default=None,
                         help="experiment for a run started outside `mlflow run` (default: the family)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL shared by all workers (default or \"\": journal file)")
     parser.add_argument("--test-mode", default=None, choices=["true", "false"],
                         help="run the family's fixed test subset")
     return parser.parse_args(argv)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from lmlab.sweeps.spec import load_spec
 
     try:
-        overrides = {"storage": args.storage,
+        overrides = {"storage": args.storage or None,
                      "test_mode": None if args.test_mode is None else args.test_mode == "true"}
         spec = load_spec(args.spec, overrides)
         outcome = run_sweep(spec, experiment_name=args.experiment_name)

@@ -49,6 +49,7 @@ _TOKEN: tuple[int, str] = (-1, "")
 #: ``trial_id`` of a claim its winner gave back without computing (the run was finished).
 RELEASED = -1
 CLAIMS_TABLE = "lmlab_claims"
+WORKERS_TABLE = "lmlab_workers"
 
 
 def worker_token() -> str:
@@ -122,6 +123,16 @@ class ClaimBoard(ABC):
     def attach(self, key: str, epoch: int, trial_id: int) -> None:
         """Name the trial that computes the claim (or RELEASED)."""
 
+    def beat_worker(self, parent_run_id: str) -> None:
+        """Record that this worker (and its parent run) is alive (RDB studies only)."""
+
+    def silent_workers(self, grace_s: float) -> list[str]:
+        """Parent runs of workers whose last beat is older than ``grace_s`` (RDB only)."""
+        return []
+
+    def forget_worker(self, parent_run_id: str) -> None:
+        """Drop a worker's beat record (it ended, or it was closed as dead)."""
+
 
 class SqlClaimBoard(ClaimBoard):
     """``lmlab_claims`` in the study's database; the primary key makes a claim unique."""
@@ -139,13 +150,21 @@ class SqlClaimBoard(ClaimBoard):
             sa.Column("owner", sa.Text, nullable=False),
             sa.Column("trial_id", sa.Integer, nullable=True),
             sa.Column("created", sa.DateTime, nullable=False, server_default=sa.func.now()))
-        try:
-            metadata.create_all(engine, checkfirst=True)
-        except sa.exc.IntegrityError:
-            pass  # another worker created it at the same moment
-        except sa.exc.ProgrammingError as error:
-            if "already exists" not in str(error):
-                raise
+        self.workers = sa.Table(
+            WORKERS_TABLE, metadata,
+            sa.Column("parent_run_id", sa.String(64), primary_key=True),
+            sa.Column("owner", sa.Text, nullable=False),
+            sa.Column("beat", sa.DateTime, nullable=False, server_default=sa.func.now()))
+        for attempt in range(6):
+            try:
+                metadata.create_all(engine, checkfirst=True)
+                break
+            except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError) as error:
+                # Another worker created the tables at the same moment: look again.
+                if attempt == 5 or not (isinstance(error, sa.exc.IntegrityError)
+                                        or "already exists" in str(error) or "locked" in str(error)):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def latest(self, key: str) -> ClaimRecord | None:
         sa, t = self._sa, self.table
@@ -155,14 +174,8 @@ class SqlClaimBoard(ClaimBoard):
                 .where(t.c.condition_key == key).order_by(t.c.epoch.desc()).limit(1)).first()
         if row is None:
             return None
-        created, now = row[3], row[4]
-        if isinstance(now, str):  # SQLite returns text timestamps
-            from datetime import datetime
-
-            now = datetime.fromisoformat(now)
-        seconds = (now.replace(tzinfo=None) - created.replace(tzinfo=None)).total_seconds()
         return ClaimRecord(key, int(row[0]), json.loads(row[1]),
-                           None if row[2] is None else int(row[2]), seconds)
+                           None if row[2] is None else int(row[2]), _seconds_between(row[3], row[4]))
 
     def insert(self, key: str, epoch: int, owner: Mapping[str, str]) -> bool:
         sa = self._sa
@@ -179,6 +192,34 @@ class SqlClaimBoard(ClaimBoard):
         with self.engine.begin() as connection:
             connection.execute(t.update().where((t.c.condition_key == key) & (t.c.epoch == epoch))
                                .values(trial_id=trial_id))
+
+    def beat_worker(self, parent_run_id: str) -> None:
+        sa, w = self._sa, self.workers
+        with self.engine.begin() as connection:
+            updated = connection.execute(w.update().where(w.c.parent_run_id == parent_run_id)
+                                         .values(beat=sa.func.now())).rowcount
+            if not updated:
+                connection.execute(w.insert().values(parent_run_id=parent_run_id,
+                                                     owner=json.dumps(worker_owner())))
+
+    def silent_workers(self, grace_s: float) -> list[str]:
+        sa, w = self._sa, self.workers
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.select(w.c.parent_run_id, w.c.beat, sa.func.now())).all()
+        return [row[0] for row in rows if _seconds_between(row[1], row[2]) > grace_s]
+
+    def forget_worker(self, parent_run_id: str) -> None:
+        w = self.workers
+        with self.engine.begin() as connection:
+            connection.execute(w.delete().where(w.c.parent_run_id == parent_run_id))
+
+
+def _seconds_between(earlier: Any, now: Any) -> float:
+    """Seconds between two database timestamps, both read from the database's clock."""
+    from datetime import datetime
+
+    earlier, now = (datetime.fromisoformat(v) if isinstance(v, str) else v for v in (earlier, now))
+    return (now.replace(tzinfo=None) - earlier.replace(tzinfo=None)).total_seconds()
 
 
 class JournalClaimBoard(ClaimBoard):
@@ -267,10 +308,7 @@ def open_storage(url: str | None, store: Path, heartbeat: HeartbeatSettings,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats are "experimental" in Optuna 5
         try:
-            storage = RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                 heartbeat_interval=heartbeat.interval_s,
-                                 grace_period=heartbeat.grace_s,
-                                 heartbeat_stale_trial_callback=on_stale)
+            storage = _create_rdb_storage(url, heartbeat, on_stale)
         except ImportError as error:
             raise LmlabError(f"the study storage {mask_url(url)} needs a database driver: "
                              f"pip install 'lmlab[scale]' ({error})") from error
@@ -279,6 +317,26 @@ def open_storage(url: str | None, store: Path, heartbeat: HeartbeatSettings,
             raise LmlabError(f"cannot open the study storage {mask_url(url)}: "
                              f"{_mask_in(first, url)}") from error
     return StudyStorage(storage, SqlClaimBoard(storage.engine), heartbeat, f"RDB {mask_url(url)}")
+
+
+def _create_rdb_storage(url: str, heartbeat: HeartbeatSettings, on_stale: StaleCallback) -> Any:
+    """RDBStorage with heartbeats; workers that meet a fresh database at the same moment
+    race to create its tables, and the losers see a duplicate-key error: try again."""
+    import sqlalchemy as sa
+    from optuna.storages import RDBStorage
+
+    for attempt in range(6):
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                              heartbeat_interval=heartbeat.interval_s, grace_period=heartbeat.grace_s,
+                              heartbeat_stale_trial_callback=on_stale)
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError) as error:
+            racing = isinstance(error, sa.exc.IntegrityError) or "already exists" in str(error) \
+                or "locked" in str(error)
+            if not racing or attempt == 5:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _mask_in(message: str, url: str) -> str:
@@ -313,7 +371,9 @@ class Coordinator:
     def reap(self) -> None:
         """Fail RUNNING trials whose heartbeat stopped (their callback closes their runs)."""
         if self.heartbeat is not None:
-            optuna.storages.fail_stale_trials(self.study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" since Optuna 2.9
+                optuna.storages.fail_stale_trials(self.study)
 
     def _trial(self, trial_id: int) -> FrozenTrial | None:
         try:
@@ -387,31 +447,50 @@ class Coordinator:
             return self.study.ask(dict(distributions))
 
     @contextmanager
+    def worker_beating(self, parent_run_id: str) -> Iterator[None]:
+        """Beat for this worker's parent run while the sweep runs (RDB studies), so a
+        worker killed on another host has its parent closed by the others."""
+        if self.heartbeat is None:
+            yield
+            return
+        with _every(self.heartbeat.interval_s, lambda: self.board.beat_worker(parent_run_id),
+                    f"worker {parent_run_id}"):
+            yield
+        self.board.forget_worker(parent_run_id)
+
+    @contextmanager
     def beating(self, trial_number: int) -> Iterator[None]:
         """Record the trial's heartbeat every interval while the block runs."""
         if self.heartbeat is None:
             yield
             return
         trial_id = self.trial_id(trial_number)
-        stop = threading.Event()
-
-        def beat() -> None:
-            while True:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except Exception as error:  # a database hiccup: try again next interval
-                    print(f"warning: heartbeat of trial {trial_number} not recorded: "
-                          f"{type(error).__name__}")
-                if stop.wait(self.heartbeat.interval_s):
-                    return
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{trial_number}", daemon=True)
-        thread.start()
-        try:
+        with _every(self.heartbeat.interval_s, lambda: self.storage.record_heartbeat(trial_id),
+                    f"trial {trial_number}"):
             yield
-        finally:
-            stop.set()
-            thread.join()
+
+
+@contextmanager
+def _every(interval_s: float, beat: Callable[[], None], what: str) -> Iterator[None]:
+    """Call ``beat`` now and every ``interval_s`` seconds in a thread while the block runs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                beat()
+            except Exception as error:  # a database hiccup: try again next interval
+                print(f"warning: heartbeat of {what} not recorded: {type(error).__name__}")
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=loop, name=f"heartbeat {what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def owner_of(trial: FrozenTrial) -> dict[str, str]:

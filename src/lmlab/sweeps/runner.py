@@ -182,7 +182,7 @@ class SweepRunner:
     # ------------------------------------------------------------------ the sweep
     def open(self) -> Coordinator:
         """Open the study and its claims; close what dead workers left RUNNING."""
-        opened = open_storage(self.spec.storage, self.store, HeartbeatSettings.from_env(),
+        opened = open_storage(self.spec.storage or None, self.store, HeartbeatSettings.from_env(),
                               self._on_stale_trial)
         self._opened = opened
         self.study = open_study(self.spec, self.family, opened)
@@ -193,14 +193,37 @@ class SweepRunner:
         self.coord.reap()
         if stale:
             print(f"marked {len(stale)} trial(s) of dead workers as FAILED")
+        self._close_dead_workers()
         return self.coord
+
+    def _close_dead_workers(self) -> None:
+        """Close RUNNING runs of dead workers: on this host by pid, on any host by the
+        worker heartbeats an RDB study keeps."""
+        close_dead_runs(self.client, self.tracker.experiment_id)
+        assert self.coord is not None
+        if self.coord.heartbeat is None:
+            return
+        for parent_id in self.coord.board.silent_workers(self.coord.heartbeat.grace_s):
+            if parent_id == self.tracker.parent_run_id:
+                continue
+            try:
+                parent = self.client.get_run(parent_id)
+            except Exception:  # a run of another tracking store: not ours to close
+                continue
+            if parent.info.status == "RUNNING":
+                self.tracker.fail(parent_id, "sweep worker stopped sending heartbeats")
+            self.coord.board.forget_worker(parent_id)
 
     def run(self) -> SweepOutcome:
         start = time.perf_counter()
         closed = close_dead_runs(self.client, self.tracker.experiment_id)
         if closed:
             print(f"closed {len(closed)} run(s) left RUNNING by dead processes as FAILED")
-        self.open()
+        coord = self.open()
+        with coord.worker_beating(self.tracker.parent_run_id):
+            return self._run_open(start)
+
+    def _run_open(self, start: float) -> SweepOutcome:
         grid = self.family.conditions() if self.spec.search is None else []
         for params in grid:
             self.family.validate_condition(params)
@@ -213,7 +236,7 @@ class SweepRunner:
             self._run_search()
         summary = pd.DataFrame(self.rows)
         self._log_parent(summary)
-        close_dead_runs(self.client, self.tracker.experiment_id)  # workers killed meanwhile
+        self._close_dead_workers()  # workers killed meanwhile
         total = time.perf_counter() - start
         self.tracker.log_metrics(self.tracker.parent_run_id, {
             "sweep_seconds": total, "tracking_seconds": self.tracker.seconds,
