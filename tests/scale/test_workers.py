@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -90,22 +91,56 @@ def test_three_workers_share_one_steering_grid(services: Services, tmp_path: Pat
     assert all(len(t.values) == 2 for t in trials)
 
 
-GRID7 = {**TINY, "name": "scale-kill", "grid": {**TINY["grid"], "alpha": [0.5]}}
-DEATHS = ["child:1", "child:2", "between:1", "between:2", "summary"]
+GRID5 = {**TINY, "name": "scale-kill", "grid": {**TINY["grid"], "layer": [0, 1], "alpha": [0.5]}}
+#: Every phase is hit; where in it (which child) and the survivor's pace are seeded.
+PHASES = ["child", "between", "summary", "child", "between"]
 
 
-def test_a_worker_killed_at_random_points_loses_nothing(services: Services, tmp_path: Path) -> None:
+def rerun_here(services: Services, experiment: str, home: Path, storage: str,
+               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> list[str]:
+    """Run the sweep once more in this process (a fresh worker "host-c"); the conditions
+    it computed."""
+    import mlflow
+
+    from lmlab.sweeps import runner
+    from lmlab.sweeps.spec import parse_spec
+
+    env = worker_env(services, services.mlflow_url, experiment, home, "host-c")
+    with monkeypatch.context() as patch:
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "LMLAB_STORE_DIR",
+                     "LMLAB_WORKER_HOST", "LMLAB_HEARTBEAT_INTERVAL", "LMLAB_HEARTBEAT_GRACE",
+                     "LMLAB_POLL_SECONDS", "PGPASSWORD"):
+            patch.setenv(name, env[name])
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        computed: list[str] = []
+        original = runner.SweepRunner._compute_run
+
+        def counted(self, params, key, trial):  # type: ignore[no-untyped-def]
+            computed.append(key)
+            return original(self, params, key, trial)
+
+        patch.setattr(runner.SweepRunner, "_compute_run", counted)
+        mlflow.set_tracking_uri(services.mlflow_url)
+        capsys.readouterr()
+        runner.run_sweep(parse_spec({**GRID5, "storage": storage}))
+    return computed
+
+
+def test_a_worker_killed_at_random_points_loses_nothing(services: Services, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
     """kill -9 (SIGKILL, nothing cleaned up) in a child, between children or in the
     parent's summary; 5 seeded repetitions, each finished by the survivor and a re-run."""
     for seed in range(5):
         rng = random.Random(seed)
-        death = rng.choice(DEATHS)
+        phase = PHASES[seed]
+        death = phase if phase == "summary" else f"{phase}:{rng.choice([1, 2])}"
         survivor_delay = rng.choice(["0", "0.5", "1.0"])
         root = tmp_path / f"rep{seed}"
         experiment = f"kill-{seed}-{uuid.uuid4().hex[:6]}"
         storage = services.new_database()
         root.mkdir(parents=True)
-        spec = write_spec(root / "grid.yaml", GRID7)
+        spec = write_spec(root / "grid.yaml", GRID5)
         log = root / "calls.jsonl"
         env_a = worker_env(services, services.mlflow_url, experiment, root / "a", "host-a")
         env_b = worker_env(services, services.mlflow_url, experiment, root / "b", "host-b")
@@ -116,26 +151,22 @@ def test_a_worker_killed_at_random_points_loses_nothing(services: Services, tmp_
         where = f"repetition {seed} ({death})"
         assert victim.returncode == -9, f"{where}: the victim was not killed\n{victim_out[-1500:]}"
         assert survivor.returncode == 0, f"{where}:\n{survivor_out[-2000:]}"
-        env_c = worker_env(services, services.mlflow_url, experiment, root / "c", "host-c")
-        rerun_log = root / "rerun.jsonl"
-        rerun = start_worker(spec, storage, rerun_log, env_c, root / "c")
-        rerun_out = rerun.communicate(timeout=600)[0]
-        assert rerun.returncode == 0, f"{where}: re-run\n{rerun_out[-2000:]}"
-        assert "7 already finished, 0 to run" in rerun_out, where
+        rerun_calls = rerun_here(services, experiment, root / "c", storage, monkeypatch, capsys)
+        assert "5 already finished, 0 to run" in capsys.readouterr().out, where
 
         client = MlflowClient(services.mlflow_url)
         runs = runs_of(client, experiment)
         finished = finished_conditions(runs)
-        assert len(finished) == 7 and set(finished.values()) == {1}, f"{where}: {finished}"
+        assert len(finished) == 5 and set(finished.values()) == {1}, f"{where}: {finished}"
         assert "RUNNING" not in {r.info.status for r in runs}, f"{where}: a run left RUNNING"
-        assert calls(rerun_log) == [], f"{where}: the re-run computed something again"
+        assert rerun_calls == [], f"{where}: the re-run computed something again"
         ended = {(r.data.tags[KEY_TAG]): r.info.end_time / 1000 for r in children(runs)
                  if r.info.status == "FINISHED"}
         recomputed = [c for c in calls(log) if c["t"] > ended[c["key"]]]
         assert recomputed == [], f"{where}: finished conditions computed again"
-        trials = study_trials(storage, GRID7)
+        trials = study_trials(storage, GRID5)
         complete = Counter(t.user_attrs.get(KEY_TAG) for t in trials if t.state.name == "COMPLETE")
-        assert len(complete) == 7 and set(complete.values()) == {1}, where
+        assert len(complete) == 5 and set(complete.values()) == {1}, where
         assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}, where
         if death.startswith("child"):
             killed = [r for r in children(runs) if r.info.status == "FAILED"]

@@ -671,12 +671,29 @@ def start_parent(client: MlflowClient, spec: SweepSpec, experiment_name: str | N
         return run_id, run.info.experiment_id
     name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.family
     try:
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        experiment_id = _experiment_id(client, name)
         run = client.create_run(experiment_id, run_name=f"sweep-{spec.name}")
     except MlflowException as error:
         raise LmlabError(f"cannot write to the tracking store {uri}: {first_line(error)}") from error
     return run.info.run_id, experiment_id
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it; workers starting together race to create it."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutcome:
