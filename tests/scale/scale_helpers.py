@@ -9,8 +9,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lmlab.tracking import KEY_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
@@ -112,3 +119,31 @@ class TrackingServer:
             self.process.wait(timeout=60)
 
 
+
+
+TINY = {
+    "family": "steering", "name": "scale-grid", "model": {"name": "tiny:llama"},
+    "grid": {"method": ["suffix_contrast"], "layer": [0, 1, 2], "alpha": [0.5, 1.0],
+             "intervention": ["add"]},
+    "steering": {"n_prompts": 2, "n_train": 4, "eval_splits": ["harm_test", "benign"],
+                 "generation": {"max_new_tokens": 3, "batch_size": 4}, "kl_tokens": 2},
+}
+
+
+def write_spec(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def runs_of(client: MlflowClient, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], max_results=5000) if found else []
+
+
+def children(runs: list) -> list:
+    return [r for r in runs if r.data.tags.get("lmlab.role") != "sweep"]
+
+
+def finished_conditions(runs: list) -> Counter:
+    return Counter((r.data.tags[KEY_TAG], r.data.params.get("splits")) for r in children(runs)
+                   if r.info.status == "FINISHED")

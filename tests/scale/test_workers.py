@@ -17,38 +17,11 @@ from typing import Any
 import optuna
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from scale_helpers import Services, start_worker, worker_env
+from scale_helpers import (TINY, Services, children, finished_conditions, runs_of, start_worker,
+                           worker_env, write_spec)
 from lmlab.tracking import KEY_TAG
-
-TINY = {
-    "family": "steering", "name": "scale-grid", "model": {"name": "tiny:llama"},
-    "grid": {"method": ["suffix_contrast"], "layer": [0, 1, 2], "alpha": [0.5, 1.0],
-             "intervention": ["add"]},
-    "steering": {"n_prompts": 2, "n_train": 4, "eval_splits": ["harm_test", "benign"],
-                 "generation": {"max_new_tokens": 3, "batch_size": 4}, "kl_tokens": 2},
-}
-
-
-def write_spec(path: Path, raw: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def runs_of(client: MlflowClient, experiment: str) -> list:
-    found = client.get_experiment_by_name(experiment)
-    return client.search_runs([found.experiment_id], max_results=5000) if found else []
-
-
-def children(runs: list) -> list:
-    return [r for r in runs if r.data.tags.get("lmlab.role") != "sweep"]
-
-
-def finished_conditions(runs: list) -> Counter:
-    return Counter((r.data.tags[KEY_TAG], r.data.params.get("splits")) for r in children(runs)
-                   if r.info.status == "FINISHED")
 
 
 def calls(log: Path) -> list[dict[str, Any]]:

@@ -303,7 +303,6 @@ def open_storage(url: str | None, store: Path, heartbeat: HeartbeatSettings,
         storage = JournalStorage(JournalFileBackend(str(journal)))
         return StudyStorage(storage, JournalClaimBoard(store / "claims.journal"), None,
                             f"journal {journal}")
-    from optuna.storages import RDBStorage
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats are "experimental" in Optuna 5
