@@ -42,7 +42,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lmlab.errors import LmlabError
-from lmlab.tracking import HOST_TAG, PID_TAG, mask_url, owner_is_dead, owner_tags
+from lmlab.tracking import mask_url, owner_is_dead, owner_tags
 
 TOKEN_TAG = "lmlab.worker"
 _TOKEN: tuple[int, str] = (-1, "")
@@ -490,7 +490,3 @@ def _every(interval_s: float, beat: Callable[[], None], what: str) -> Iterator[N
     finally:
         stop.set()
         thread.join()
-
-
-def owner_of(trial: FrozenTrial) -> dict[str, str]:
-    return {k: str(v) for k, v in trial.user_attrs.items() if k in (PID_TAG, HOST_TAG, TOKEN_TAG)}

@@ -182,6 +182,9 @@ class SweepRunner:
     # ------------------------------------------------------------------ the sweep
     def open(self) -> Coordinator:
         """Open the study and its claims; close what dead workers left RUNNING."""
+        closed = close_dead_runs(self.client, self.tracker.experiment_id)
+        if closed:
+            print(f"closed {len(closed)} run(s) left RUNNING by dead processes as FAILED")
         opened = open_storage(self.spec.storage or None, self.store, HeartbeatSettings.from_env(),
                               self._on_stale_trial)
         self._opened = opened
@@ -193,13 +196,16 @@ class SweepRunner:
         self.coord.reap()
         if stale:
             print(f"marked {len(stale)} trial(s) of dead workers as FAILED")
-        self._close_dead_workers()
+        self._close_silent_workers()
         return self.coord
 
     def _close_dead_workers(self) -> None:
         """Close RUNNING runs of dead workers: on this host by pid, on any host by the
         worker heartbeats an RDB study keeps."""
         close_dead_runs(self.client, self.tracker.experiment_id)
+        self._close_silent_workers()
+
+    def _close_silent_workers(self) -> None:
         assert self.coord is not None
         if self.coord.heartbeat is None:
             return
@@ -216,9 +222,6 @@ class SweepRunner:
 
     def run(self) -> SweepOutcome:
         start = time.perf_counter()
-        closed = close_dead_runs(self.client, self.tracker.experiment_id)
-        if closed:
-            print(f"closed {len(closed)} run(s) left RUNNING by dead processes as FAILED")
         coord = self.open()
         with coord.worker_beating(self.tracker.parent_run_id):
             return self._run_open(start)
