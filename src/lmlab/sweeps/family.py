@@ -2,7 +2,7 @@
 
 A family turns a validated spec into conditions (plain param dicts), runs one condition
 into a :class:`ConditionResult`, and summarises all rows on the parent run. The runner
-owns everything else: the study, child runs, resume, locks, failures.
+owns everything else: the study, child runs, resume, claims, failures.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class ConditionResult:
     figures: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)  # artifact dir -> local file
     tags: dict[str, str] = field(default_factory=dict)
+    #: Why the condition computed but is not complete (e.g. "3 of 8 rows failed"), or None.
+    #: An incomplete condition's run ends FAILED with everything above logged, its trial
+    #: FAIL, the sweep exits non-zero, and the next run computes it again (a family that
+    #: keeps finished parts, like the context row store, then redoes only the rest).
+    incomplete: str | None = None
 
 
 @dataclass

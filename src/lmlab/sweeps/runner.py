@@ -1,8 +1,13 @@
 """Run a sweep: a parent MLflow run, an Optuna study, one child run per condition.
 
 Resume rules: a condition whose ``condition_key`` already has a FINISHED run is never
-computed again (its metrics are reused); RUNNING runs and trials left by dead processes
-are closed as FAILED; a condition claimed by a live worker is waited for, not repeated.
+computed again (its metrics are reused). Workers sharing a study claim each condition
+through the study's storage before computing it (:mod:`lmlab.sweeps.claims`), so every
+condition is computed by exactly one live worker; a condition held by a live worker is
+waited for, one whose worker died (pid on this host, Optuna heartbeat across hosts) is
+taken over and the dead worker's runs are closed FAILED. A condition that computed but
+is incomplete (e.g. API calls that failed) ends FAILED with its metrics, is retried by
+the next run, and makes the sweep exit non-zero.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import math
 import os
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -21,21 +27,28 @@ import mlflow
 import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from lmlab.cache import DiskCache
 from lmlab.errors import LmlabError
 from lmlab.identity import condition_identity, model_identity, path_digest
 from lmlab.runtime import apply_threads
+from lmlab.sweeps.claims import (TOKEN_TAG, Claim, Coordinator, HeartbeatSettings, StudyStorage,
+                                 open_storage, worker_owner)
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, family_for
-from lmlab.sweeps.locks import ConditionLock
 from lmlab.sweeps.spec import SweepSpec
 from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, OUTPUT_DIGESTS_TAG, PARENT_TAG,
-                            Tracker, close_dead_runs,
-                            condition_key, ensure_store, finished_condition, owner_is_dead,
-                            owner_tags, store_dir)
+                            Tracker, cache_dir, close_dead_runs, condition_key, ensure_store,
+                            finished_condition, first_line, mask_url, owner_is_dead, store_dir)
 
+#: Seconds between looks at conditions other workers hold (``LMLAB_POLL_SECONDS``).
 WAIT_POLL_SECONDS = 5.0
+RUN_ID_ATTR = "mlflow_run_id"
+INCOMPLETE_ATTR = "lmlab.incomplete"
+SLOT_ATTR = "lmlab.slot"
+#: The study's one objective for families that name none: 1.0 for every finished condition.
+FINISHED_METRIC = "condition_finished"
 
 
 @dataclass
@@ -45,24 +58,29 @@ class SweepOutcome:
     summary: pd.DataFrame
     tracking_seconds: float
     total_seconds: float
+    incomplete: list[str] = field(default_factory=list)  # run names of incomplete conditions
 
 
-def open_study(spec: SweepSpec, family: Family, store: Path) -> optuna.Study:
-    storage: Any = spec.storage
-    if storage is None:
-        store.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+def poll_seconds() -> float:
+    raw = os.environ.get("LMLAB_POLL_SECONDS")
+    return float(raw) if raw else WAIT_POLL_SECONDS
 
-        storage = JournalStorage(JournalFileBackend(str(store / "optuna.journal")))
-    directions = [direction for _, direction in family.objectives()] or ["maximize"]
-    sampler = _sampler(spec)
+
+def open_study(spec: SweepSpec, family: Family, opened: StudyStorage) -> optuna.Study:
+    objectives = family.objectives()
+    directions = [direction for _, direction in objectives] or ["maximize"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(storage=storage, study_name=spec.study_name, sampler=sampler,
-                               directions=directions, load_if_exists=True)
+    study = optuna.create_study(storage=opened.storage, study_name=spec.study_name,
+                                sampler=_sampler(spec), directions=directions, load_if_exists=True)
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # set_metric_names is "experimental"
+            study.set_metric_names([name for name, _ in objectives] or [FINISHED_METRIC])
+    return study
 
 
-def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    seed = spec.search.seed if spec.search else 0
+def _sampler(spec: SweepSpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = (spec.search.seed if spec.search else 0) if seed is None else seed
     kind = spec.search.sampler if spec.search else "random"
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
@@ -71,12 +89,37 @@ def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def fail_stale_trials(study: optuna.Study) -> int:
-    stale = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+def slot_seed(seed: int, slot: int) -> int:
+    """The sampler seed of search slot ``slot``: workers that share a study propose from
+    different streams (never in lockstep), and a slot proposes the same whichever worker
+    takes it."""
+    return (seed * 1_000_003 + slot) % 2**31
+
+
+def fail_stale_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Fail RUNNING trials whose owner process on this host is gone; return them."""
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
              if owner_is_dead({k: str(v) for k, v in t.user_attrs.items()})]
     for trial in stale:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-    return len(stale)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    return stale
+
+
+def _flat(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in params.items()}
+
+
+def _choices(conditions: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    """Every value each param takes across the conditions (one distribution per param,
+    so optuna-dashboard plots the grid's axes)."""
+    out: dict[str, list[Any]] = {}
+    for params in conditions:
+        for name, value in _flat(params).items():
+            values = out.setdefault(name, [])
+            if not any(type(v) is type(value) and v == value for v in values):
+                values.append(value)
+    return {name: tuple(values) for name, values in out.items()}
 
 
 class SweepRunner:
@@ -87,11 +130,17 @@ class SweepRunner:
         self.client = client
         self.tracker = Tracker(client, experiment_id, parent_run_id)
         self.store = store
-        self.ctx = SweepContext(spec=spec, tracker=self.tracker, cache=DiskCache(store / "cache"),
+        self.ctx = SweepContext(spec=spec, tracker=self.tracker, cache=DiskCache(cache_dir(store)),
                                 store_dir=store)
         self.rows: list[dict[str, Any]] = []
+        self.incomplete: list[str] = []
         self.study: optuna.Study | None = None
+        self.coord: Coordinator | None = None
         self._inputs: tuple[dict[str, Any], dict[str, str]] | None = None
+        self._trial_keys: set[str] = set()
+        self._choices: dict[str, tuple[Any, ...]] = {}
+        self._grid_coord: Coordinator | None = None
+        self._opened: StudyStorage | None = None
 
     # ------------------------------------------------------------------ identity
     def _model_and_data(self) -> tuple[dict[str, Any], dict[str, str]]:
@@ -131,15 +180,53 @@ class SweepRunner:
                                   digests if digests else None)
 
     # ------------------------------------------------------------------ the sweep
-    def run(self) -> SweepOutcome:
-        start = time.perf_counter()
+    def open(self) -> Coordinator:
+        """Open the study and its claims; close what dead workers left RUNNING."""
         closed = close_dead_runs(self.client, self.tracker.experiment_id)
         if closed:
             print(f"closed {len(closed)} run(s) left RUNNING by dead processes as FAILED")
-        self.study = open_study(self.spec, self.family, self.store)
+        opened = open_storage(self.spec.storage or None, self.store, HeartbeatSettings.from_env(),
+                              self._on_stale_trial)
+        self._opened = opened
+        self.study = open_study(self.spec, self.family, opened)
+        self.coord = Coordinator(self.study, opened, self._close_runs_of)
         stale = fail_stale_trials(self.study)
+        for trial in stale:
+            self._close_runs_of(trial, "its worker process died")
+        self.coord.reap()
         if stale:
-            print(f"marked {stale} trial(s) of dead workers as FAILED")
+            print(f"marked {len(stale)} trial(s) of dead workers as FAILED")
+        self._close_silent_workers()
+        return self.coord
+
+    def _close_dead_workers(self) -> None:
+        """Close RUNNING runs of dead workers: on this host by pid, on any host by the
+        worker heartbeats an RDB study keeps."""
+        close_dead_runs(self.client, self.tracker.experiment_id)
+        self._close_silent_workers()
+
+    def _close_silent_workers(self) -> None:
+        assert self.coord is not None
+        if self.coord.heartbeat is None:
+            return
+        for parent_id in self.coord.board.silent_workers(self.coord.heartbeat.grace_s):
+            if parent_id == self.tracker.parent_run_id:
+                continue
+            try:
+                parent = self.client.get_run(parent_id)
+            except Exception:  # a run of another tracking store: not ours to close
+                continue
+            if parent.info.status == "RUNNING":
+                self.tracker.fail(parent_id, "sweep worker stopped sending heartbeats")
+            self.coord.board.forget_worker(parent_id)
+
+    def run(self) -> SweepOutcome:
+        start = time.perf_counter()
+        coord = self.open()
+        with coord.worker_beating(self.tracker.parent_run_id):
+            return self._run_open(start)
+
+    def _run_open(self, start: float) -> SweepOutcome:
         grid = self.family.conditions() if self.spec.search is None else []
         for params in grid:
             self.family.validate_condition(params)
@@ -152,12 +239,14 @@ class SweepRunner:
             self._run_search()
         summary = pd.DataFrame(self.rows)
         self._log_parent(summary)
+        self._close_dead_workers()  # workers killed meanwhile
         total = time.perf_counter() - start
         self.tracker.log_metrics(self.tracker.parent_run_id, {
             "sweep_seconds": total, "tracking_seconds": self.tracker.seconds,
-            "tracking_share": self.tracker.seconds / total if total else math.nan})
+            "tracking_share": self.tracker.seconds / total if total else math.nan,
+            "conditions_incomplete": float(len(self.incomplete))})
         return SweepOutcome(self.tracker.parent_run_id, self.tracker.experiment_id, summary,
-                            self.tracker.seconds, total)
+                            self.tracker.seconds, total, list(self.incomplete))
 
     def _print_plan(self, grid: list[dict[str, Any]]) -> None:
         if self.spec.search is not None:
@@ -184,111 +273,311 @@ class SweepRunner:
             self.tracker.log_metrics(self.tracker.parent_run_id, metrics)
         self.tracker.log_datasets(self.tracker.parent_run_id, self.family.data_reports())
 
-    def _run_grid(self, grid: list[dict[str, Any]]) -> None:
-        waiting = []
-        for params in tqdm(grid, desc="conditions", unit="cond"):
-            if not self._run_or_reuse(params):
-                waiting.append(params)
-        for params in waiting:
-            self._wait_for(params)
-
-    def _run_search(self) -> None:
-        assert self.spec.search is not None and self.study is not None
-        distributions = self.spec.search.distributions()
-        complete = optuna.trial.TrialState.COMPLETE
-        done = len(self.study.get_trials(deepcopy=False, states=(complete,)))
-        for trial in self.study.get_trials(deepcopy=False, states=(complete,)):
-            self._reuse_trial_row(trial)
-        bar = tqdm(total=self.spec.search.n_trials, initial=done, desc="trials")
-        while done < self.spec.search.n_trials:
-            trial = self.study.ask(distributions)
-            for name, value in owner_tags().items():
-                trial.set_user_attr(name, value)
-            params = self.family.search_params(trial.params)
-            self.family.validate_condition(params)
-            trial.set_user_attr(KEY_TAG, self.key_for(params))
-            metrics = self._compute(params, trial_number=trial.number)
-            values = self._objective_values(metrics)
-            if values is None:
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    # ------------------------------------------------------------------ grid
+    @property
+    def grid_coord(self) -> Coordinator:
+        """Where grid conditions get their trials: the sweep's study, or for a search's
+        final conditions a companion study ``<study>-final`` (its one metric is
+        ``condition_finished``), so search proposals and final checks never mix."""
+        if self._grid_coord is None:
+            assert self.coord is not None and self._opened is not None
+            if self.spec.search is None:
+                self._grid_coord = self.coord
             else:
-                self.study.tell(trial, values)
-                done += 1
-                bar.update(1)
+                study = optuna.create_study(storage=self._opened.storage,
+                                            study_name=f"{self.spec.study_name}-final",
+                                            directions=["maximize"], load_if_exists=True)
+                if study.metric_names is None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        study.set_metric_names([FINISHED_METRIC])
+                self._grid_coord = Coordinator(study, self._opened, self._close_runs_of)
+        return self._grid_coord
+
+    def _run_grid(self, grid: list[dict[str, Any]]) -> None:
+        self._choices = _choices(grid)
+        waiting = [params for params in tqdm(grid, desc="conditions", unit="cond")
+                   if not self._settle(params, waiting=False)]
+        self._wait_for(waiting)
+
+    def _wait_for(self, waiting: list[dict[str, Any]]) -> None:
+        """Poll the conditions other workers hold until each is settled here."""
+        if waiting:
+            print(f"waiting for other workers to finish {len(waiting)} condition(s)")
+        while waiting:
+            time.sleep(poll_seconds())
+            self.grid_coord.reap()
+            waiting = [params for params in waiting if not self._settle(params, waiting=True)]
+
+    def _settle(self, params: Mapping[str, Any], waiting: bool) -> bool:
+        """Reuse, or claim and compute, one condition; False while another worker holds it."""
+        coord = self.grid_coord
+        key = self.key_for(params)
+        existing = self.finished(key, params)
+        if existing is not None:
+            self._reuse(params, key, existing)
+            return True
+        if waiting and self._incomplete_elsewhere(params, key):
+            return True
+        claim = coord.claim(key)
+        if claim is None:
+            return False
+        existing = self.finished(key, params)
+        if existing is not None:  # finished between our first look and the claim
+            self._record_reused_trial(claim, params, key, existing)
+            self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
+            return True
+        trial = coord.create_trial(_flat(params), self._fixed_distributions(params))
+        with coord.beating(trial.number):
+            self._compute_claimed(coord, claim, params, key, trial)
+        return True
+
+    def _incomplete_elsewhere(self, params: Mapping[str, Any], key: str) -> bool:
+        """True when another worker computed ``key`` in this sweep and it came out incomplete."""
+        coord = self.grid_coord
+        trial = coord.trial_of(coord.board.latest(key))
+        if trial is None or trial.state != TrialState.FAIL or INCOMPLETE_ATTR not in trial.user_attrs:
+            return False
+        reason = str(trial.user_attrs[INCOMPLETE_ATTR])
+        self.incomplete.append(self.family.run_name(params))
+        run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
+        metrics = self.client.get_run(run_id).data.metrics if run_id else {}
+        self._add_row(params, key, run_id, metrics, reused=True, incomplete=reason)
+        return True
+
+    def _fixed_distributions(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        from optuna.distributions import CategoricalDistribution
+
+        out = {}
+        for name, value in _flat(params).items():
+            choices = self._choices.get(name, ())
+            known = any(type(c) is type(value) and c == value for c in choices)
+            out[name] = CategoricalDistribution(choices if known else (value,))
+        return out
+
+    def _reuse(self, params: Mapping[str, Any], key: str, run) -> None:  # type: ignore[no-untyped-def]
+        self._adopt_if_orphaned(run)
+        self._add_row(params, key, run.info.run_id, run.data.metrics, reused=True)
+        if self._has_trial(key):
+            return
+        claim = self.grid_coord.claim(key)
+        if claim is not None:
+            self._record_reused_trial(claim, params, key, run)
+
+    def _has_trial(self, key: str) -> bool:
+        """True when this study already records a COMPLETE trial for ``key``."""
+        if key not in self._trial_keys:
+            self._trial_keys = {str(t.user_attrs.get(KEY_TAG)) for t in self.grid_coord.study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE,))}
+        return key in self._trial_keys
+
+    def _record_reused_trial(self, claim: Claim, params: Mapping[str, Any], key: str, run) -> None:  # type: ignore[no-untyped-def]
+        """Give the study a COMPLETE trial for a condition finished elsewhere (another
+        study, or a worker that died between finishing its run and its trial)."""
+        coord = self.grid_coord
+        if self._has_trial(key):
+            coord.release(claim)
+            return
+        trial = coord.create_trial(_flat(params), self._fixed_distributions(params))
+        coord.attach(claim, trial.number)
+        for name, value in {KEY_TAG: key, RUN_ID_ATTR: run.info.run_id, "lmlab.reused": True}.items():
+            trial.set_user_attr(name, value)
+        self._tell(coord, trial.number, self._objective_values(coord, run.data.metrics))
+        self._trial_keys.add(key)
+
+    # ------------------------------------------------------------------ search
+    def _run_search(self) -> None:
+        """``n_trials`` slots shared by every worker on the study: each slot is claimed
+        by one worker and ends as one COMPLETE trial, so the study holds exactly
+        ``n_trials`` however many workers run it."""
+        assert self.spec.search is not None and self.study is not None and self.coord is not None
+        n_trials = self.spec.search.n_trials
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            self._reuse_trial_row(trial)
+        done: set[int] = set()
+        given_up: set[int] = set()
+        bar = tqdm(total=n_trials, desc="trials")
+        while len(done | given_up) < n_trials:
+            held = False
+            for slot in range(n_trials):
+                if slot in done or slot in given_up:
+                    continue
+                state = self._run_slot(slot)
+                if state == "complete":
+                    done.add(slot)
+                    bar.update(1)
+                elif state == "failed":
+                    given_up.add(slot)
+                elif state == "held":
+                    held = True
+            if held and len(done | given_up) < n_trials:
+                time.sleep(poll_seconds())
+                self.coord.reap()
         bar.close()
         chosen = [self.family.search_params(t.params) for t in self.study.best_trials]
-        for params in self.family.final_conditions(chosen):
+        finals = self.family.final_conditions(chosen)
+        for params in finals:
             self.family.validate_condition(params)
-            self._run_or_reuse(params)
+        self._choices = _choices(finals)
+        self._wait_for([params for params in finals if not self._settle(params, waiting=False)])
 
-    def _reuse_trial_row(self, trial: optuna.trial.FrozenTrial) -> None:
+    def _slot_key(self, slot: int) -> str:
+        return f"slot:{self.spec.study_name}:{slot}"
+
+    def _run_slot(self, slot: int) -> str:
+        """'complete', 'held' (another worker has it), or 'failed' (here, this sweep)."""
+        assert self.spec.search is not None and self.coord is not None and self.study is not None
+        key = self._slot_key(slot)
+        previous = self.coord.trial_of(self.coord.board.latest(key))
+        if previous is not None and previous.state == TrialState.COMPLETE:
+            return "complete"
+        claim = self.coord.claim(key)
+        if claim is None:
+            return "held"
+        retried = self.coord.trial_of(claim.retaken)
+        base = _sampler(self.spec, slot_seed(self.spec.search.seed, slot))
+        # A slot whose trial failed (its worker died) is retried with the same proposal.
+        self.study.sampler = (optuna.samplers.PartialFixedSampler(retried.params, base)
+                              if retried is not None and retried.params else base)
+        trial = self.coord.ask(self.spec.search.distributions())
+        self.coord.attach(claim, trial.number)
+        trial.set_user_attr(SLOT_ATTR, slot)
+        if retried is not None:
+            trial.set_user_attr("lmlab.retry_of", retried.number)
+        with self.coord.beating(trial.number):
+            return self._search_trial(trial)
+
+    def _search_trial(self, trial: optuna.Trial) -> str:
+        assert self.coord is not None
+        for name, value in worker_owner().items():
+            trial.set_user_attr(name, value)
+        params = self.family.search_params(trial.params)
+        self.family.validate_condition(params)
+        key = self.key_for(params)
+        trial.set_user_attr(KEY_TAG, key)
+        try:
+            while True:
+                existing = self.finished(key, params)
+                if existing is not None:
+                    self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
+                    trial.set_user_attr(RUN_ID_ATTR, existing.info.run_id)
+                    values = self._objective_values(self.coord, existing.data.metrics)
+                    return "complete" if self._tell(self.coord, trial.number, values) else "failed"
+                claim = self.coord.claim(key)
+                if claim is not None:
+                    existing = self.finished(key, params)
+                    if existing is None:
+                        return self._compute_claimed(self.coord, claim, params, key, trial)
+                    self.coord.release(claim)
+                    continue
+                time.sleep(poll_seconds())  # the same condition runs on another worker
+                self.coord.reap()
+        except BaseException:
+            self._tell(self.coord, trial.number, None)
+            raise
+
+    def _reuse_trial_row(self, trial: FrozenTrial) -> None:
         key = trial.user_attrs.get(KEY_TAG)
         params = self.family.search_params(trial.params)
         run = self.finished(key, params) if key else None
         if run is not None:
             self._add_row(params, key, run.info.run_id, run.data.metrics, reused=True)
 
-    # ------------------------------------------------------------------ one condition
-    def _run_or_reuse(self, params: Mapping[str, Any]) -> bool:
-        """Compute or reuse one grid condition; False when another worker holds it."""
-        key = self.key_for(params)
-        existing = self.finished(key, params)
-        if existing is not None:
-            self._adopt_if_orphaned(existing)
-            self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
-            self._record_grid_trial(params, key, existing.data.metrics, existing.info.run_id)
-            return True
-        lock = ConditionLock(self.store / "locks", key)
-        if not lock.acquire():
-            return False
-        try:
-            metrics, run_id = self._compute_locked(params, key, trial_number=None)
-        finally:
-            lock.release()
-        self._record_grid_trial(params, key, metrics, run_id)
-        return True
+    # ------------------------------------------------------------------ dead workers
+    def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna failed ``trial`` because its heartbeat stopped: close its runs too."""
+        self._close_runs_of(trial, f"its worker stopped sending heartbeats (trial {trial.number})")
 
+    def _close_runs_of(self, trial: FrozenTrial, reason: str) -> None:
+        """End the child run of a dead worker's trial FAILED, and its parent when that
+        parent belongs to the same worker and is still RUNNING."""
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if not run_id:
+            return
+        try:
+            run = self.client.get_run(str(run_id))
+        except Exception:  # the run was never created or the server lost it: nothing to close
+            return
+        if run.info.status == "RUNNING":
+            self.tracker.fail(run.info.run_id, f"{reason}; condition retried by a live worker")
+        parent_id = run.data.tags.get(PARENT_TAG)
+        token = trial.user_attrs.get(TOKEN_TAG)
+        if not parent_id or not token or parent_id == self.tracker.parent_run_id:
+            return
+        parent = self.client.get_run(parent_id)
+        if parent.info.status == "RUNNING" and parent.data.tags.get(TOKEN_TAG) == token:
+            self.tracker.fail(parent_id, f"sweep worker stopped: {reason}")
+
+    # ------------------------------------------------------------------ one condition
     def _adopt_if_orphaned(self, run) -> None:  # type: ignore[no-untyped-def]
         """Move a finished child of an interrupted sweep under the sweep that resumes it,
-        so the UI shows the whole sweep under one parent. Children of a parent that
-        finished stay where they are."""
+        so the UI shows the whole sweep under one parent. Only children of a parent whose
+        process is known to be dead move: one ended FAILED or KILLED, or one left RUNNING
+        by a process on this host that no longer exists. Children of a parent that
+        finished, or of a live worker's parent (on any host), stay where they are."""
         old_parent = run.data.tags.get(PARENT_TAG)
         if not old_parent or old_parent == self.tracker.parent_run_id:
             return
-        if self.client.get_run(old_parent).info.status == "FINISHED":
+        parent = self.client.get_run(old_parent)
+        status = parent.info.status
+        dead = status in ("FAILED", "KILLED") or (status == "RUNNING" and owner_is_dead(parent.data.tags))
+        if not dead:
             return
         self.tracker.set_tags(run.info.run_id, {PARENT_TAG: self.tracker.parent_run_id,
                                                 "lmlab.adopted_from": old_parent})
 
-    def _wait_for(self, params: Mapping[str, Any]) -> None:
-        key = self.key_for(params)
-        lock = ConditionLock(self.store / "locks", key)
-        print(f"waiting for another worker to finish {self.family.run_name(params)}")
-        while lock.held_by_other():
-            time.sleep(WAIT_POLL_SECONDS)
-        if not self._run_or_reuse(params):
-            self._wait_for(params)
+    def _compute_claimed(self, coord: Coordinator, claim: Claim, params: Mapping[str, Any],
+                         key: str, trial: optuna.Trial) -> str:
+        """Compute a condition this worker holds the claim on, in ``trial`` of ``coord``'s
+        study (whose heartbeat the caller records); 'complete', 'incomplete', 'failed' or
+        'lost' (another worker took it over)."""
+        coord.attach(claim, trial.number)
+        for name, value in {**worker_owner(), KEY_TAG: key, "lmlab.claim_epoch": claim.epoch}.items():
+            trial.set_user_attr(name, value)
+        values: list[float] | None = None
+        try:
+            result, run_id = self._compute_run(params, key, trial)
+            if not coord.still_running(trial.number):
+                self.tracker.fail(run_id, "another worker took this condition over (this worker's "
+                                  "heartbeat was judged stopped); its result is not used",
+                                  status="KILLED")
+                return "lost"
+            if result.incomplete:
+                reason = f"incomplete: {result.incomplete}"
+                self.tracker.fail(run_id, f"{reason}; the next run retries it")
+                trial.set_user_attr(INCOMPLETE_ATTR, result.incomplete)
+                self.incomplete.append(self.family.run_name(params))
+                self._add_row(params, key, run_id, result.metrics, reused=False,
+                              incomplete=result.incomplete)
+                print(f"{self.family.run_name(params)}: {reason}")
+                return "incomplete"
+            self.tracker.finish(run_id)
+            self._add_row(params, key, run_id, result.metrics, reused=False)
+            values = self._objective_values(coord, result.metrics)
+        finally:
+            told = self._tell(coord, trial.number, values)
+        if told:
+            self._trial_keys.add(key)
+        return "complete" if told else "failed"
 
-    def _compute(self, params: Mapping[str, Any], trial_number: int | None) -> dict[str, float]:
-        """Metrics of a search proposal: reused when that condition already finished."""
-        key = self.key_for(params)
-        existing = self.finished(key, params)
-        if existing is not None:
-            self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
-            return dict(existing.data.metrics)
-        metrics, _ = self._compute_locked(params, key, trial_number)
-        return metrics
+    def _tell(self, coord: Coordinator, number: int, values: list[float] | None) -> bool:
+        """COMPLETE with ``values``, else FAIL; True when the trial ended COMPLETE."""
+        state = TrialState.COMPLETE if values is not None else TrialState.FAIL
+        coord.study.tell(number, values, state=state, skip_if_finished=True)
+        return state == TrialState.COMPLETE
 
-    def _compute_locked(self, params: Mapping[str, Any], key: str,
-                        trial_number: int | None) -> tuple[dict[str, float], str]:
+    def _compute_run(self, params: Mapping[str, Any], key: str,
+                     trial: optuna.Trial) -> tuple[ConditionResult, str]:
+        """Create the child run, compute and log the condition; the run is left RUNNING
+        for the caller to end (FINISHED, or FAILED when incomplete)."""
         name = self.family.run_name(params)
         tags = {FAMILY_TAG: self.spec.family, KEY_TAG: key, "optuna.study": self.spec.study_name,
-                "lmlab.sweep": self.spec.name}
+                "lmlab.sweep": self.spec.name, "optuna.trial": str(trial.number),
+                TOKEN_TAG: worker_owner()[TOKEN_TAG]}
         if self.family.output_params:
             tags[OUTPUT_DIGESTS_TAG] = json.dumps(self.output_digests(params), sort_keys=True)
-        if trial_number is not None:
-            tags["optuna.trial"] = str(trial_number)
         run_id = self.tracker.start_child(name, params, tags)
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
         identity = {**self.identity_for(params), "output_data": self.output_digests(params)}
         self.tracker.log_text(run_id, json.dumps(identity, indent=1, default=str), "identity.json")
         self.tracker.log_datasets(run_id, self.family.data_reports())
@@ -299,9 +588,7 @@ class SweepRunner:
                 self._log_result(run_id, result)
         finally:
             self.ctx.run_id = None
-        self.tracker.finish(run_id)
-        self._add_row(params, key, run_id, result.metrics, reused=False)
-        return result.metrics, run_id
+        return result, run_id
 
     def _log_result(self, run_id: str, result: ConditionResult) -> None:
         self.tracker.log_metrics(run_id, result.metrics)
@@ -313,36 +600,27 @@ class SweepRunner:
         for artifact_dir, path in result.files.items():
             self.tracker.log_file(run_id, path, artifact_dir or None)
 
-    def _objective_values(self, metrics: Mapping[str, float]) -> list[float] | None:
+    def _objective_values(self, coord: Coordinator, metrics: Mapping[str, float]) -> list[float] | None:
+        """The study's values for a condition; None when one is missing or not finite.
+        A family without objectives (and a search's final study) records 1.0
+        (``condition_finished``)."""
         names = [name for name, _ in self.family.objectives()]
+        if not names or coord is not self.coord:
+            return [1.0]
         values = [float(metrics.get(name, math.nan)) for name in names]
-        if not names or any(not math.isfinite(v) for v in values):
+        if any(not math.isfinite(v) for v in values):
+            print(f"warning: objective(s) {names} missing or not finite; the trial ends FAIL")
             return None
         return values
 
-    def _record_grid_trial(self, params: Mapping[str, Any], key: str,
-                           metrics: Mapping[str, float], run_id: str) -> None:
-        assert self.study is not None
-        if any(t.user_attrs.get(KEY_TAG) == key for t in self.study.get_trials(deepcopy=False)):
-            return
-        from optuna.distributions import CategoricalDistribution
-
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-                for k, v in params.items()}
-        distributions = {k: CategoricalDistribution((v,)) for k, v in flat.items()}
-        values = self._objective_values(metrics)
-        state = optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL
-        trial = optuna.trial.create_trial(
-            state=state, values=values if values else None, params=flat,
-            distributions=distributions,
-            user_attrs={KEY_TAG: key, "mlflow_run_id": run_id})
-        self.study.add_trial(trial)
-
     def _add_row(self, params: Mapping[str, Any], key: str, run_id: str,
-                 metrics: Mapping[str, float], reused: bool) -> None:
+                 metrics: Mapping[str, float], reused: bool, incomplete: str | None = None) -> None:
         if any(row[KEY_TAG] == key for row in self.rows):
             return
-        self.rows.append({**params, **metrics, KEY_TAG: key, "run_id": run_id, "reused": reused})
+        row = {**params, **metrics, KEY_TAG: key, "run_id": run_id, "reused": reused}
+        if incomplete:
+            row["incomplete"] = incomplete
+        self.rows.append(row)
 
     # ------------------------------------------------------------------ parent
     def _log_parent(self, summary: pd.DataFrame) -> None:
@@ -380,16 +658,45 @@ def closed_on_failure(tracker: Tracker, run_id: str, what: str) -> Iterator[None
 
 
 def start_parent(client: MlflowClient, spec: SweepSpec, experiment_name: str | None) -> tuple[str, str]:
-    """Resume the run ``mlflow run`` created (MLFLOW_RUN_ID) or create one; (run id, experiment id)."""
+    """Resume the run ``mlflow run`` created (MLFLOW_RUN_ID) or create one; (run id, experiment id).
+    This is the sweep's first write to the store, so a store that refuses writes is
+    reported here as one line."""
+    from mlflow.exceptions import MlflowException
+
+    uri = mask_url(mlflow.get_tracking_uri())
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
-        run = client.get_run(run_id)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            raise LmlabError(f"MLFLOW_RUN_ID={run_id} is not a run in the tracking store {uri}: "
+                             "unset it, or point MLFLOW_TRACKING_URI at the store that has it") from error
         return run_id, run.info.experiment_id
     name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.family
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    run = client.create_run(experiment_id, run_name=f"sweep-{spec.name}")
+    try:
+        experiment_id = _experiment_id(client, name)
+        run = client.create_run(experiment_id, run_name=f"sweep-{spec.name}")
+    except MlflowException as error:
+        raise LmlabError(f"cannot write to the tracking store {uri}: {first_line(error)}") from error
     return run.info.run_id, experiment_id
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it; workers starting together race to create it."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutcome:
@@ -399,13 +706,24 @@ def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutco
     store = store_dir()
     parent_id, experiment_id = start_parent(client, spec, experiment_name)
     tracker_tags = {FAMILY_TAG: spec.family, "lmlab.sweep": spec.name, "lmlab.spec_digest": spec.digest,
-                    "optuna.study": spec.study_name, "lmlab.role": "sweep", **owner_tags()}
+                    "optuna.study": spec.study_name, "lmlab.role": "sweep", **worker_owner(),
+                    "lmlab.study_storage": mask_url(spec.storage) if spec.storage else "journal",
+                    "lmlab.cache_dir": str(cache_dir(store))}
     runner = SweepRunner(spec, family, client, experiment_id, parent_id, store)
     runner.tracker.set_tags(parent_id, {**tracker_tags, "lmlab.threads_source": threads_source})
     runner.tracker.log_params(parent_id, {"runtime.threads": threads})
     runner.tracker.log_text(parent_id, _spec_yaml(spec), "spec.yaml")
+    print(f"worker {worker_owner()['lmlab.host']}:{os.getpid()}; study storage: "
+          f"{tracker_tags['lmlab.study_storage']}; cache: {cache_dir(store)} "
+          f"({'shared via LMLAB_CACHE_DIR' if os.environ.get('LMLAB_CACHE_DIR') else 'local to this worker'})")
     with closed_on_failure(runner.tracker, parent_id, f"sweep {spec.name}"):
         outcome = runner.run()
+    if outcome.incomplete:
+        reason = (f"{len(outcome.incomplete)} condition(s) incomplete ({', '.join(outcome.incomplete[:5])}"
+                  f"{', ...' if len(outcome.incomplete) > 5 else ''}): their failed parts are retried "
+                  "by the next run")
+        runner.tracker.fail(parent_id, reason)
+        raise LmlabError(f"sweep {spec.name}: {reason}")
     client.set_terminated(parent_id, "FINISHED")
     return outcome
 
@@ -415,20 +733,27 @@ def mark_run_failed(reason: str) -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
-    client = MlflowClient()
-    client.set_tag(run_id, FAILURE_TAG, reason[:4000])
-    client.set_terminated(run_id, "FAILED")
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, FAILURE_TAG, reason[:4000])
+        client.set_terminated(run_id, "FAILED")
+    except Exception:  # the store itself is the problem (already reported in one line)
+        pass
 
 
 def _spec_yaml(spec: SweepSpec) -> str:
     import yaml
 
-    return yaml.safe_dump(spec.source, sort_keys=False)
+    source = dict(spec.source)
+    if isinstance(source.get("storage"), str):
+        source["storage"] = mask_url(source["storage"])
+    return yaml.safe_dump(source, sort_keys=False)
 
 
 def ui_hint(outcome: SweepOutcome) -> str:
     uri = mlflow.get_tracking_uri()
-    return (f"parent run: {outcome.parent_run_id}\n"
-            f"open the UI:  mlflow ui --backend-store-uri {uri} --port 5000\n"
-            f"then browse:  http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs/"
-            f"{outcome.parent_run_id}")
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    opener = "" if uri.startswith(("http://", "https://")) else \
+        f"open the UI:  mlflow ui --backend-store-uri {mask_url(uri)} --port 5000\n"
+    return (f"parent run: {outcome.parent_run_id}\n{opener}"
+            f"then browse:  {base}/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}")
