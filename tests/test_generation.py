@@ -189,5 +189,6 @@ def test_kept_distributions_are_normalised_and_contain_the_token_scores(
 def test_max_tokens_truncates_the_continuation(llama_lm: LoadedModel) -> None:
     [full] = score_continuations(llama_lm, ["Bread:"], [" Mix flour, water and salt"])
     [cut] = score_continuations(llama_lm, ["Bread:"], [" Mix flour, water and salt"], max_tokens=2)
-    assert len(full.token_logprobs) > 2
-    assert torch.equal(cut.token_logprobs, full.token_logprobs[:2])
+    assert len(full.token_logprobs) > 2 and len(cut.token_logprobs) == 2
+    # A shorter pass multiplies matrices of another shape: equal up to float rounding.
+    torch.testing.assert_close(cut.token_logprobs, full.token_logprobs[:2], rtol=0, atol=1e-5)

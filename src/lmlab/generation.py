@@ -7,8 +7,10 @@ the caller's order.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -96,10 +98,123 @@ class RowSampler(LogitsProcessor):
         return chosen.scatter(1, picks[:, None], 0.0)
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword that takes a KV cache: ``cache`` (transformers >= 5.2x) or the
+    older ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)
+
+
+@dataclass
+class PromptBatch:
+    """One left-padded batch of prompts and the KV cache of all but its last column.
+
+    Holding back the last prompt column lets every later pass start with it: generation's
+    first step and each scored continuation re-run one column against the shared cache,
+    so the prompt is encoded once for all of them. ``cache`` is None for one-column
+    prompts (nothing precedes the last column).
+    """
+
+    rows: list[int]  # the caller's indices, in batch order
+    input_ids: torch.Tensor  # (batch, prompt_len), left-padded
+    attention_mask: torch.Tensor  # (batch, prompt_len)
+    cache: Any
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def forked_cache(self) -> Any:
+        """A copy of the cache that a pass may extend without touching the shared one."""
+        return None if self.cache is None else copy.deepcopy(self.cache)
+
+
+@dataclass
+class EncodedPrompts:
+    """Prompts encoded once under ``edits`` at ``positions``; every pass that reuses them
+    runs under the same edits (they decide the cached keys and values)."""
+
+    prompts: list[str]
+    batches: list[PromptBatch]
+    edits: dict[int, Edit]
+    positions: Positions
+
+    def same_edits(self, edits: Mapping[int, Edit] | None, positions: Positions) -> bool:
+        return dict(edits or {}) == self.edits and positions == self.positions
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached keys and values."""
+        total = 0
+        for batch in self.batches:
+            for layer in getattr(batch.cache, "layers", []):
+                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    total += tensor.nbytes if isinstance(tensor, torch.Tensor) else 0
+        return total
+
+
+@torch.inference_mode()
+def encode_prompts(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    edits: Mapping[int, Edit] | None = None,
+    positions: Positions = "all",
+    batch_size: int = 32,
+) -> EncodedPrompts:
+    """Encode already-formatted prompts (sorted by length, left-padded, batched) once.
+
+    Each batch's cache holds every column but the last, computed under ``edits``; the
+    hooks see the whole prompt length, so ``positions`` select columns as they do during
+    generation."""
+    tokenizer = lm.tokenizer
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    batches = []
+    for rows in _batches(order, batch_size):
+        batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(lm.device)
+        ids, mask = batch.input_ids, batch.attention_mask
+        cache = None
+        if ids.shape[1] > 1:
+            with residual_hooks(lm, edits, positions=positions, prompt_len=ids.shape[1]):
+                out = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                               position_ids=padded_positions(mask)[:, :-1], use_cache=True,
+                               logits_to_keep=1)
+            cache = _returned_cache(out)
+        batches.append(PromptBatch(list(rows), ids, mask, cache))
+    return EncodedPrompts(list(prompts), batches, dict(edits or {}), positions)
+
+
+def _encoded(lm: LoadedModel, prompts: Sequence[str] | EncodedPrompts,
+             edits: Mapping[int, Edit] | None, positions: Positions, batch_size: int) -> EncodedPrompts:
+    if not isinstance(prompts, EncodedPrompts):
+        return encode_prompts(lm, prompts, edits, positions, batch_size)
+    if edits is not None and not prompts.same_edits(edits, positions):
+        raise ValueError("prompts were encoded under other edits or positions than asked for")
+    return prompts
+
+
+def _sampling_kwargs(config: GenerationConfig, rows: list[int], batch_index: int,
+                     row_seeds: Sequence[int] | None) -> dict[str, Any]:
+    if config.do_sample and row_seeds is not None:
+        sampler = RowSampler([row_seeds[i] for i in rows], config.temperature)
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                "logits_processor": LogitsProcessorList([sampler])}
+    if config.do_sample:
+        torch.manual_seed(config.seed + batch_index)
+        return {"do_sample": True, "temperature": config.temperature}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | EncodedPrompts,
     config: GenerationConfig = GenerationConfig(),
     edits: Mapping[int, Edit] | None = None,
     positions: Positions = "all",
@@ -108,10 +223,49 @@ def generate(
 ) -> list[Completion]:
     """Generate a completion for each already-formatted prompt string.
 
-    ``row_seeds`` (sampling only): one seed per prompt. Each row then samples from its
-    own generator, so its draws depend on its seed alone, not on the batch it lands in."""
-    if row_seeds is not None and len(row_seeds) != len(prompts):
-        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
+    ``prompts`` may be :class:`EncodedPrompts`: generation then continues from their
+    cache (which stays as it was, for later scoring passes) under the edits they were
+    encoded with. ``row_seeds`` (sampling only): one seed per prompt. Each row then
+    samples from its own generator, so its draws depend on its seed alone, not on the
+    batch it lands in."""
+    texts = prompts.prompts if isinstance(prompts, EncodedPrompts) else list(prompts)
+    if row_seeds is not None and len(row_seeds) != len(texts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(texts)} prompts")
+    if not config.use_cache:
+        return _generate_uncached(lm, texts, config, edits, positions, progress, row_seeds)
+    encoded = _encoded(lm, prompts, edits, positions, config.batch_size)
+    eos = _eos_ids(lm)
+    key = _cache_kwarg(lm.model)
+    results: dict[int, Completion] = {}
+    bar = tqdm(total=len(texts), desc=progress, disable=progress is None, leave=False)
+    for batch_index, batch in enumerate(encoded.batches):
+        cache = {key: batch.forked_cache()} if batch.cache is not None else {}
+        with residual_hooks(lm, encoded.edits, positions=encoded.positions,
+                            prompt_len=batch.prompt_len):
+            out = lm.model.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                max_new_tokens=config.max_new_tokens, use_cache=True,
+                pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                **cache, **_sampling_kwargs(config, batch.rows, batch_index, row_seeds),
+            )
+        _collect(lm, texts, batch.rows, out[:, batch.prompt_len:], eos, results)
+        bar.update(len(batch.rows))
+    bar.close()
+    return [results[i] for i in range(len(texts))]
+
+
+def _collect(lm: LoadedModel, prompts: Sequence[str], rows: list[int], new_tokens: torch.Tensor,
+             eos: set[int], results: dict[int, Completion]) -> None:
+    for row, index in enumerate(rows):
+        ids, reason = _split_completion(new_tokens[row].tolist(), eos)
+        text = lm.tokenizer.decode(ids, skip_special_tokens=True)
+        results[index] = Completion(prompts[index], text, tuple(ids), reason)
+
+
+def _generate_uncached(lm: LoadedModel, prompts: Sequence[str], config: GenerationConfig,
+                       edits: Mapping[int, Edit] | None, positions: Positions,
+                       progress: str | None, row_seeds: Sequence[int] | None) -> list[Completion]:
+    """``use_cache: false``: every step re-reads the whole sequence (a check on the cache)."""
     tokenizer = lm.tokenizer
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -122,23 +276,13 @@ def generate(
         batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(lm.device)
         prompt_len = batch.input_ids.shape[1]
-        sampling = {"do_sample": True, "temperature": config.temperature} if config.do_sample \
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if config.do_sample and row_seeds is not None:
-            sampler = RowSampler([row_seeds[i] for i in rows], config.temperature)
-            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-                        "logits_processor": LogitsProcessorList([sampler])}
-        elif config.do_sample:
-            torch.manual_seed(config.seed + batch_index)
         with residual_hooks(lm, edits, positions=positions, prompt_len=prompt_len):
             out = lm.model.generate(
-                **batch, max_new_tokens=config.max_new_tokens, use_cache=config.use_cache,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos), **sampling,
+                **batch, max_new_tokens=config.max_new_tokens, use_cache=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                **_sampling_kwargs(config, rows, batch_index, row_seeds),
             )
-        for row, index in enumerate(rows):
-            ids, reason = _split_completion(out[row, prompt_len:].tolist(), eos)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            results[index] = Completion(prompts[index], text, tuple(ids), reason)
+        _collect(lm, prompts, rows, out[:, prompt_len:], eos, results)
         bar.update(len(rows))
     bar.close()
     return [results[i] for i in range(len(prompts))]
@@ -149,10 +293,65 @@ class Scored:
     """Teacher-forced scores of one continuation after its prefix."""
 
     token_logprobs: torch.Tensor  # (n_tokens,) log p(token | everything before it)
-    log_distributions: torch.Tensor | None  # (n_tokens, vocab) log-softmax, when asked
+    log_distributions: torch.Tensor | None  # (n_kept, vocab) log-softmax, when asked
+
+
+def _continuation_ids(lm: LoadedModel, continuations: Sequence[str | Sequence[int]],
+                      max_tokens: int | None) -> list[list[int]]:
+    ids = [list(c) if not isinstance(c, str) else lm.tokenizer(c, add_special_tokens=False).input_ids
+           for c in continuations]
+    return ids if max_tokens is None else [c[:max_tokens] for c in ids]
 
 
 @torch.inference_mode()
+def score_after(
+    lm: LoadedModel,
+    encoded: EncodedPrompts,
+    continuations: Sequence[str | Sequence[int]],
+    keep_distributions: int = 0,
+    max_tokens: int | None = None,
+) -> list[Scored]:
+    """Log-probabilities of each continuation (text or token ids) after its encoded prompt.
+
+    One pass per batch over ``[last prompt column | continuation | right pad]`` against a
+    copy of the batch's cache, under the edits the prompts were encoded with; the
+    continuation's columns follow the prompt, so they are ``generation`` positions.
+    ``keep_distributions``: also return the full log-softmax over the first that many
+    tokens of each continuation."""
+    if len(continuations) != len(encoded.prompts):
+        raise ValueError(f"{len(continuations)} continuations for {len(encoded.prompts)} prompts")
+    cont_ids = _continuation_ids(lm, continuations, max_tokens)
+    pad = lm.tokenizer.pad_token_id
+    key = _cache_kwarg(lm.model)
+    results: dict[int, Scored] = {}
+    for batch in encoded.batches:
+        width_p = batch.prompt_len
+        width_c = max(max(len(cont_ids[i]) for i in batch.rows), 1)
+        cont = torch.full((len(batch.rows), width_c), pad, dtype=torch.long, device=lm.device)
+        cont_mask = torch.zeros_like(cont)
+        for r, i in enumerate(batch.rows):
+            c = cont_ids[i]
+            cont[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+            cont_mask[r, :len(c)] = 1
+        mask = torch.cat([batch.attention_mask, cont_mask], dim=1)
+        cache = {key: batch.forked_cache()} if batch.cache is not None else {}
+        first = width_p - 1 if batch.cache is not None else 0
+        ids = torch.cat([batch.input_ids[:, first:], cont], dim=1)
+        with residual_hooks(lm, encoded.edits, positions=encoded.positions, prompt_len=width_p):
+            logits = lm.model(input_ids=ids, attention_mask=mask,
+                              position_ids=padded_positions(mask)[:, first:], use_cache=True,
+                              **cache).logits
+        # The token in column t is predicted by the logits in column t - 1.
+        predicting = logits[:, width_p - 1 - first:-1].float()  # (batch, width_c, vocab)
+        for r, i in enumerate(batch.rows):
+            n = len(cont_ids[i])
+            log_probs = torch.log_softmax(predicting[r, :n], dim=-1)
+            token_lp = log_probs.gather(-1, cont[r, :n, None]).squeeze(-1).cpu()
+            kept = log_probs[:keep_distributions].cpu() if keep_distributions else None
+            results[i] = Scored(token_lp, kept)
+    return [results[i] for i in range(len(encoded.prompts))]
+
+
 def score_continuations(
     lm: LoadedModel,
     prefixes: Sequence[str],
@@ -165,37 +364,10 @@ def score_continuations(
 ) -> list[Scored]:
     """Log-probabilities of each continuation (text or token ids) after its prefix.
 
-    Rows are laid out as ``[left pad | prefix | continuation | right pad]`` so the prefix
-    ends in one column for the whole batch and ``positions`` act as during generation.
-    """
-    tokenizer = lm.tokenizer
-    prefix_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prefixes]
-    cont_ids = [list(c) if not isinstance(c, str) else tokenizer(c, add_special_tokens=False).input_ids
-                for c in continuations]
-    if max_tokens is not None:
-        cont_ids = [c[:max_tokens] for c in cont_ids]
-    pad = tokenizer.pad_token_id
-    results: list[Scored] = []
-    for rows in _batches(range(len(prefixes)), batch_size):
-        width_p = max(len(prefix_ids[i]) for i in rows)
-        width_c = max(max(len(cont_ids[i]) for i in rows), 1)
-        ids = torch.full((len(rows), width_p + width_c), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            p, c = prefix_ids[i], cont_ids[i]
-            ids[r, width_p - len(p):width_p] = torch.tensor(p, dtype=torch.long)
-            ids[r, width_p:width_p + len(c)] = torch.tensor(c, dtype=torch.long)
-            mask[r, width_p - len(p):width_p + len(c)] = 1
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
-        with residual_hooks(lm, edits, positions=positions, prompt_len=width_p):
-            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=padded_positions(mask),
-                              use_cache=False).logits
-        # The token in column t is predicted by the logits in column t - 1.
-        log_probs = torch.log_softmax(logits[:, width_p - 1:-1].float(), dim=-1)
-        for r, i in enumerate(rows):
-            n = len(cont_ids[i])
-            dist = log_probs[r, :n]
-            target = ids[r, width_p:width_p + n]
-            token_lp = dist.gather(-1, target[:, None]).squeeze(-1).cpu()
-            results.append(Scored(token_lp, dist.cpu() if keep_distributions else None))
-    return results
+    Encodes the prefixes once (:func:`encode_prompts`) and scores the continuations after
+    them (:func:`score_after`); to score several continuations after the same prompts,
+    call those two directly and the prompts are encoded only once."""
+    encoded = encode_prompts(lm, prefixes, edits, positions, batch_size)
+    cont_ids = _continuation_ids(lm, continuations, max_tokens)
+    keep = max((len(c) for c in cont_ids), default=0) if keep_distributions else 0
+    return score_after(lm, encoded, cont_ids, keep_distributions=keep)
