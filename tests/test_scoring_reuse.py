@@ -121,13 +121,14 @@ def reference_rows(family: SteeringFamily, lm: LoadedModel, params: Mapping[str,
 
 # ------------------------------------------------------------------ helpers
 
-def family_for(lm: LoadedModel, cache_dir: Path) -> tuple[SteeringFamily, SimpleNamespace]:
+def family_for(lm: LoadedModel, cache_dir: Path, splits: Sequence[str] = ("benign",),
+               batch: int = BATCH) -> tuple[SteeringFamily, SimpleNamespace]:
     family = SteeringFamily(parse_spec({
         "family": "steering", "name": "reuse", "model": {"name": "tiny:llama"},
         "grid": {"method": ["suffix_contrast"], "layer": [1], "alpha": [0.5, 2.0]},
-        "steering": {"n_prompts": N_PROMPTS, "n_train": 4, "eval_splits": ["benign"],
+        "steering": {"n_prompts": N_PROMPTS, "n_train": 4, "eval_splits": list(splits),
                      "kl_tokens": KL_TOKENS,
-                     "generation": {"max_new_tokens": 8, "batch_size": BATCH}}}))
+                     "generation": {"max_new_tokens": 8, "batch_size": batch}}}))
     ctx = SimpleNamespace(model=lm, cache=DiskCache(cache_dir))
     family.prepare(ctx)  # type: ignore[arg-type]
     return family, ctx
@@ -204,6 +205,23 @@ def test_the_unsteered_kl_reference_is_cached_by_content_and_not_scored_again(
     unsteered_after_prompt = [entry for entry in log if entry[0] > 0 and entry[1] > 1 and not entry[2]]
     assert encodings(log, edited=False) == N_BATCHES  # the fluency pass needs the prompts
     assert len(unsteered_after_prompt) == N_BATCHES  # fluency only: the reference was read
+
+
+def test_a_conditions_uncached_splits_share_generation_batches(llama_lm: LoadedModel,
+                                                               tmp_path: Path) -> None:
+    splits = ["harm_test", "benign"]
+    family, ctx = family_for(llama_lm, tmp_path / "together", splits, batch=2 * N_PROMPTS)
+    family.evaluate_splits(ctx, splits, baseline_params())  # type: ignore[arg-type]
+    with forward_log(llama_lm) as log:
+        together = family.evaluate_splits(ctx, splits, steered_params(family))  # type: ignore[arg-type]
+    assert encodings(log, edited=True) == 1  # both splits' prompts in one batch
+    for split in splits:
+        alone, alone_ctx = family_for(llama_lm, tmp_path / split, [split], batch=2 * N_PROMPTS)
+        expected = alone.evaluate(alone_ctx, split, steered_params(alone))  # type: ignore[arg-type]
+        for new, old in zip(together[split], expected):
+            assert new["token_ids"] == old["token_ids"] and new["outcome"] == old["outcome"]
+            assert new["likelihood_margin"] == pytest.approx(old["likelihood_margin"], abs=1e-4)
+            assert new["kl"] == pytest.approx(old["kl"], rel=1e-4, abs=1e-6)
 
 
 # ------------------------------------------------------------------ the same figures

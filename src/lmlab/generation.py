@@ -129,9 +129,15 @@ class PromptBatch:
     def prompt_len(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def forked_cache(self) -> Any:
-        """A copy of the cache that a pass may extend without touching the shared one."""
-        return None if self.cache is None else copy.deepcopy(self.cache)
+    def forked_cache(self, rows: slice | None = None) -> Any:
+        """A copy of the cache (of ``rows`` only, when given) that a pass may extend
+        without touching the shared one."""
+        if self.cache is None:
+            return None
+        forked = copy.deepcopy(self.cache)
+        if rows is not None and (rows.start, rows.stop) != (0, len(self.rows)):
+            forked.batch_select_indices(torch.arange(len(self.rows))[rows].to(self.input_ids.device))
+        return forked
 
 
 @dataclass
@@ -313,43 +319,67 @@ def score_after(
 ) -> list[Scored]:
     """Log-probabilities of each continuation (text or token ids) after its encoded prompt.
 
-    One pass per batch over ``[last prompt column | continuation | right pad]`` against a
-    copy of the batch's cache, under the edits the prompts were encoded with; the
+    One pass per batch (in row chunks past ``MAX_PASS_LOGITS``) over ``[last prompt
+    column | continuation | right pad]`` against a copy of the batch's cache, under the edits the prompts were encoded with; the
     continuation's columns follow the prompt, so they are ``generation`` positions.
     ``keep_distributions``: also return the full log-softmax over the first that many
     tokens of each continuation."""
     if len(continuations) != len(encoded.prompts):
         raise ValueError(f"{len(continuations)} continuations for {len(encoded.prompts)} prompts")
     cont_ids = _continuation_ids(lm, continuations, max_tokens)
-    pad = lm.tokenizer.pad_token_id
-    key = _cache_kwarg(lm.model)
     results: dict[int, Scored] = {}
     for batch in encoded.batches:
-        width_p = batch.prompt_len
         width_c = max(max(len(cont_ids[i]) for i in batch.rows), 1)
-        cont = torch.full((len(batch.rows), width_c), pad, dtype=torch.long, device=lm.device)
-        cont_mask = torch.zeros_like(cont)
-        for r, i in enumerate(batch.rows):
-            c = cont_ids[i]
-            cont[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-            cont_mask[r, :len(c)] = 1
-        mask = torch.cat([batch.attention_mask, cont_mask], dim=1)
-        cache = {key: batch.forked_cache()} if batch.cache is not None else {}
-        first = width_p - 1 if batch.cache is not None else 0
-        ids = torch.cat([batch.input_ids[:, first:], cont], dim=1)
-        with residual_hooks(lm, encoded.edits, positions=encoded.positions, prompt_len=width_p):
-            logits = lm.model(input_ids=ids, attention_mask=mask,
-                              position_ids=padded_positions(mask)[:, first:], use_cache=True,
-                              **cache).logits
-        # The token in column t is predicted by the logits in column t - 1.
-        predicting = logits[:, width_p - 1 - first:-1].float()  # (batch, width_c, vocab)
-        for r, i in enumerate(batch.rows):
-            n = len(cont_ids[i])
-            log_probs = torch.log_softmax(predicting[r, :n], dim=-1)
-            token_lp = log_probs.gather(-1, cont[r, :n, None]).squeeze(-1).cpu()
-            kept = log_probs[:keep_distributions].cpu() if keep_distributions else None
-            results[i] = Scored(token_lp, kept)
+        for part in _row_chunks(len(batch.rows), width_c + 1, _vocab_size(lm)):
+            _score_rows(lm, encoded, batch, part, cont_ids, keep_distributions, results)
     return [results[i] for i in range(len(encoded.prompts))]
+
+
+#: The most logits (floats) one scoring pass holds; larger batches are scored in row
+#: chunks (60 rows x 49 columns over a 49k vocabulary would be 580 MB in fp32).
+MAX_PASS_LOGITS = 1 << 27
+
+
+def _vocab_size(lm: LoadedModel) -> int:
+    config = lm.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size", None) or len(lm.tokenizer))
+
+
+def _row_chunks(rows: int, columns: int, vocab: int) -> list[slice]:
+    step = max(1, MAX_PASS_LOGITS // (columns * vocab))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _score_rows(lm: LoadedModel, encoded: EncodedPrompts, batch: PromptBatch, part: slice,
+                cont_ids: list[list[int]], keep_distributions: int,
+                results: dict[int, Scored]) -> None:
+    """One pass for rows ``part`` of ``batch``: ``[last prompt column | continuation | pad]``."""
+    rows = batch.rows[part]
+    width_p = batch.prompt_len
+    width_c = max(max(len(cont_ids[i]) for i in rows), 1)
+    cont = torch.full((len(rows), width_c), lm.tokenizer.pad_token_id, dtype=torch.long,
+                      device=lm.device)
+    cont_mask = torch.zeros_like(cont)
+    for r, i in enumerate(rows):
+        cont[r, :len(cont_ids[i])] = torch.tensor(cont_ids[i], dtype=torch.long)
+        cont_mask[r, :len(cont_ids[i])] = 1
+    mask = torch.cat([batch.attention_mask[part], cont_mask], dim=1)
+    cache = {} if batch.cache is None else {_cache_kwarg(lm.model): batch.forked_cache(part)}
+    first = 0 if batch.cache is None else width_p - 1
+    ids = torch.cat([batch.input_ids[part, first:], cont], dim=1)
+    with residual_hooks(lm, encoded.edits, positions=encoded.positions, prompt_len=width_p):
+        logits = lm.model(input_ids=ids, attention_mask=mask,
+                          position_ids=padded_positions(mask)[:, first:], use_cache=True,
+                          **cache).logits
+    # The token in column t is predicted by the logits in column t - 1.
+    predicting = logits[:, width_p - 1 - first:-1].float()  # (rows, width_c, vocab)
+    for r, i in enumerate(rows):
+        n = len(cont_ids[i])
+        log_probs = torch.log_softmax(predicting[r, :n], dim=-1)
+        token_lp = log_probs.gather(-1, cont[r, :n, None]).squeeze(-1).cpu()
+        kept = log_probs[:keep_distributions].cpu() if keep_distributions else None
+        results[i] = Scored(token_lp, kept)
 
 
 def score_continuations(

@@ -395,9 +395,10 @@ class SteeringFamily(Family):
         metrics: dict[str, float] = {}
         tables = []
         reused_verdicts = 0
+        evaluated = self.evaluate_splits(ctx, params["splits"], params)
+        baseline = self.evaluate_splits(ctx, params["splits"], {**BASELINE, "splits": params["splits"]})
         for split in params["splits"]:
-            rows = self.evaluate(ctx, split, params)
-            base = self.evaluate(ctx, split, {**BASELINE, "splits": params["splits"]})
+            rows, base = evaluated[split], baseline[split]
             if self.judge is not None:
                 rows, base = self._judged(ctx, rows), self._judged(ctx, base)
                 reused_verdicts += sum(bool(r.get("judge_cached")) for r in rows + base)
@@ -453,24 +454,46 @@ class SteeringFamily(Family):
 
     def evaluate(self, ctx: SweepContext, split: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Per-prompt scores for one split under one intervention (cached by content)."""
+        return self.evaluate_splits(ctx, [split], params)[split]
+
+    def evaluate_splits(self, ctx: SweepContext, splits: list[str],
+                        params: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Per-prompt scores for each split under one intervention, cached by content per
+        split. The splits not in the cache are scored together, so their prompts share
+        generation batches (larger batches run faster); a split's rows do not depend on
+        the company it is scored in, up to float rounding."""
         lm = ctx.model
-        prompts = self.prompts[split][:self.settings.n_prompts]
-        key = content_key("steer-eval", ROW_FORMAT, lm.identity, digest(prompts),
-                          self.settings.scoring_identity(), self.fingerprint(params), __version__)
-        cached = ctx.cache.get_json("steering-eval", key)
-        if cached is not None:
-            return cached
-        baseline = None
-        if params["intervention"] != "none":
-            base_rows = self.evaluate(ctx, split, {**BASELINE, "splits": []})
-            baseline = Baseline(base_rows, self._reference(ctx, lm, prompts, base_rows))
-        rows, reference = self._score(lm, prompts, self.edits(lm, params), baseline, split)
-        ctx.cache.put_json("steering-eval", key, rows)
-        base_rows = rows if baseline is None else baseline.rows
-        if reference is not None and (baseline is None or baseline.reference is None):
-            ctx.cache.put_tensors("steering-kl-reference", self._reference_key(lm, prompts, base_rows),
-                                  {f"row.{i}": d for i, d in enumerate(reference)})
-        return rows
+        prompts = {split: self.prompts[split][:self.settings.n_prompts] for split in splits}
+        keys = {split: content_key("steer-eval", ROW_FORMAT, lm.identity, digest(prompts[split]),
+                                   self.settings.scoring_identity(), self.fingerprint(params), __version__)
+                for split in splits}
+        found = {split: ctx.cache.get_json("steering-eval", keys[split]) for split in splits}
+        todo = [split for split in splits if found[split] is None]
+        if todo:
+            baseline = None if params["intervention"] == "none" else self._baseline(ctx, todo, prompts)
+            joined = [p for split in todo for p in prompts[split]]
+            rows, reference = self._score(lm, joined, self.edits(lm, params), baseline, "+".join(todo))
+            start = 0
+            for split in todo:
+                part = slice(start, start + len(prompts[split]))
+                found[split] = rows[part]
+                ctx.cache.put_json("steering-eval", keys[split], found[split])
+                if baseline is None or baseline.reference is None:
+                    base_rows = found[split] if baseline is None else baseline.rows[part]
+                    ctx.cache.put_tensors("steering-kl-reference",
+                                          self._reference_key(lm, prompts[split], base_rows),
+                                          {f"row.{i}": d for i, d in enumerate(reference[part])})
+                start = part.stop
+        return found  # type: ignore[return-value]
+
+    def _baseline(self, ctx: SweepContext, splits: list[str],
+                  prompts: dict[str, list[PromptRow]]) -> "Baseline":
+        """The splits' baseline rows, one after the other, and their KL reference when every
+        split's is in the cache."""
+        base = self.evaluate_splits(ctx, splits, {**BASELINE, "splits": []})
+        references = [self._reference(ctx, ctx.model, prompts[split], base[split]) for split in splits]
+        joined = None if any(r is None for r in references) else [d for r in references for d in r]  # type: ignore[union-attr]
+        return Baseline([row for split in splits for row in base[split]], joined)
 
     def _reference_key(self, lm: LoadedModel, prompts: list[PromptRow],
                        base_rows: list[dict[str, Any]]) -> str:
@@ -487,7 +510,8 @@ class SteeringFamily(Family):
 
     def _score(self, lm: LoadedModel, prompts: list[PromptRow], edits: dict[int, Edit],
                baseline: "Baseline | None", split: str) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-        """Generate under the edits, then score, reusing each prompt encoding.
+        """Generate under the edits, then score, reusing each prompt encoding (``split``
+        names the split or splits the prompts come from).
 
         The prompts are encoded once under the edits; generation and the steered passes
         (the likelihood detector's two openings, the baseline's first ``kl_tokens`` for KL)
