@@ -210,16 +210,24 @@ def full_pass_logprobs(lm: LoadedModel, prefix: str, continuation: str, edits: d
     return torch.stack([log_probs[len(p) - 1 + k, tok] for k, tok in enumerate(c)])
 
 
+def chat(lm: LoadedModel) -> list[str]:
+    """PROMPTS in the chat template: they share the template's opening tokens."""
+    return [lm.format_chat(p) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
 @pytest.mark.parametrize("positions", ["all", "prompt", "generation"])
 def test_continuations_after_a_shared_encoding_are_steered_at_the_right_columns(
-        any_lm: LoadedModel, positions: str) -> None:
+        any_lm: LoadedModel, positions: str, chat_template: bool) -> None:
     """The cache offset puts each continuation after the prompt: its columns are
-    generation positions, and the held-back last prompt column is both."""
+    generation positions, and the held-back last prompt column is both; a shared start
+    encoded once is steered like the rest of the prompt."""
     edits = moderate_edit(any_lm)
-    encoded = encode_prompts(any_lm, PROMPTS, edits, positions, batch_size=2)
+    prompts = chat(any_lm) if chat_template else PROMPTS
+    encoded = encode_prompts(any_lm, prompts, edits, positions, batch_size=2)
     continuations = [" Mix flour", " Sure, here is how", " No"]
     scored = score_after(any_lm, encoded, continuations)
-    for prefix, continuation, got in zip(PROMPTS, continuations, scored):
+    for prefix, continuation, got in zip(prompts, continuations, scored):
         expected = full_pass_logprobs(any_lm, prefix, continuation, edits, positions)
         torch.testing.assert_close(got.token_logprobs, expected, rtol=0, atol=1e-4)
 
@@ -250,3 +258,26 @@ def test_scoring_in_row_chunks_gives_the_same_scores(llama_lm: LoadedModel,
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-5)
         torch.testing.assert_close(a.log_distributions, b.log_distributions, rtol=0, atol=1e-5)
+
+
+def test_the_start_all_prompts_share_is_encoded_once(llama_lm: LoadedModel) -> None:
+    prompts = chat(llama_lm)
+    lengths = [len(llama_lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    columns: list[int] = []
+    handle = llama_lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: columns.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    try:
+        encode_prompts(llama_lm, prompts, batch_size=1)
+    finally:
+        handle.remove()
+    assert sum(columns) < sum(n - 1 for n in lengths)  # each prompt's own start not re-read
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_generation_after_a_shared_start_matches_one_prompt_at_a_time(
+        any_lm: LoadedModel, edited: bool) -> None:
+    edits = moderate_edit(any_lm) if edited else None
+    prompts = chat(any_lm)
+    batched = generate(any_lm, prompts, greedy(), edits=edits, positions="generation")
+    alone = [generate(any_lm, [p], greedy(), edits=edits, positions="generation")[0] for p in prompts]
+    assert batched == alone

@@ -6,6 +6,7 @@ this module keeps as a reference implementation (one full pass per score)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Sequence
@@ -144,17 +145,26 @@ def steered_params(family: SteeringFamily, strength: float = 2.0) -> dict[str, A
     return params
 
 
+@dataclass(frozen=True)
+class Pass:
+    offset: int  # columns already in the cache
+    rows: int
+    columns: int
+    edited: bool  # ran under an edit
+
+
 @contextmanager
-def forward_log(lm: LoadedModel) -> Iterator[list[tuple[int, int, bool]]]:
-    """Records every forward pass as (first column, columns, under an edit)."""
-    log: list[tuple[int, int, bool]] = []
+def forward_log(lm: LoadedModel) -> Iterator[list[Pass]]:
+    """Records every forward pass of the model."""
+    log: list[Pass] = []
     blocks = decoder_layers(lm.model)
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         offset = int(cache.get_seq_length()) if cache is not None else 0
-        log.append((offset, int(ids.shape[1]), any(len(b._forward_hooks) for b in blocks)))
+        log.append(Pass(offset, int(ids.shape[0]), int(ids.shape[1]),
+                        any(len(b._forward_hooks) for b in blocks)))
 
     handle = decoder_backbone(lm.model).register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -163,12 +173,23 @@ def forward_log(lm: LoadedModel) -> Iterator[list[tuple[int, int, bool]]]:
         handle.remove()
 
 
-def encodings(log: list[tuple[int, int, bool]], edited: bool) -> int:
-    """Passes that start at column 0: each encodes prompts from scratch."""
-    return sum(1 for offset, _, under_edit in log if offset == 0 and under_edit == edited)
+def batch_widths(family: SteeringFamily, lm: LoadedModel, splits: Sequence[str], batch: int) -> list[tuple[int, int]]:
+    """(rows, prompt length) of each prompt batch, as the prompts are batched: by length."""
+    lengths = sorted((len(lm.tokenizer(lm.format_chat(p.prompt), add_special_tokens=False).input_ids)
+                      for split in splits for p in family.prompts[split][:N_PROMPTS]), reverse=True)
+    return [(len(lengths[i:i + batch]), lengths[i]) for i in range(0, len(lengths), batch)]
 
 
-N_BATCHES = -(-N_PROMPTS // BATCH)
+def prompt_columns(log: list[Pass], widths: list[tuple[int, int]], edited: bool) -> int:
+    """Prompt columns computed by passes that start inside the prompts (every later pass
+    starts at a batch's last prompt column or after it)."""
+    first_last_column = min(width for _, width in widths) - 1
+    return sum(p.rows * p.columns for p in log if p.offset < first_last_column and p.edited == edited)
+
+
+def one_encoding(widths: list[tuple[int, int]]) -> int:
+    """Columns that encoding every prompt once takes, all but each batch's last column."""
+    return sum(rows * (width - 1) for rows, width in widths)
 
 
 # ------------------------------------------------------------------ work is reused
@@ -176,22 +197,24 @@ N_BATCHES = -(-N_PROMPTS // BATCH)
 def test_the_baseline_encodes_its_prompts_once_for_generation_and_every_score(
         llama_lm: LoadedModel, tmp_path: Path) -> None:
     family, ctx = family_for(llama_lm, tmp_path)
+    widths = batch_widths(family, llama_lm, ["benign"], BATCH)
     with forward_log(llama_lm) as log:
         family.evaluate(ctx, "benign", baseline_params())  # type: ignore[arg-type]
-    assert encodings(log, edited=False) == N_BATCHES
-    assert encodings(log, edited=True) == 0
+    assert 0 < prompt_columns(log, widths, edited=False) <= one_encoding(widths)
+    assert prompt_columns(log, widths, edited=True) == 0
 
 
 def test_a_steered_condition_encodes_its_prompts_once_under_its_edits(
         llama_lm: LoadedModel, tmp_path: Path) -> None:
     family, ctx = family_for(llama_lm, tmp_path)
+    widths = batch_widths(family, llama_lm, ["benign"], BATCH)
     family.evaluate(ctx, "benign", baseline_params())  # type: ignore[arg-type]
     with forward_log(llama_lm) as log:
         family.evaluate(ctx, "benign", steered_params(family))  # type: ignore[arg-type]
     # Generation, both openings and the KL tokens continue from one steered encoding; the
     # unsteered encoding for fluency is the baseline's, kept in memory.
-    assert encodings(log, edited=True) == N_BATCHES
-    assert encodings(log, edited=False) == 0
+    assert 0 < prompt_columns(log, widths, edited=True) <= one_encoding(widths)
+    assert prompt_columns(log, widths, edited=False) == 0
 
 
 def test_the_unsteered_kl_reference_is_cached_by_content_and_not_scored_again(
@@ -200,11 +223,13 @@ def test_the_unsteered_kl_reference_is_cached_by_content_and_not_scored_again(
     first.evaluate(ctx, "benign", baseline_params())  # type: ignore[arg-type]
     assert len(list((tmp_path / "steering-kl-reference").iterdir())) == 1
     fresh, ctx = family_for(llama_lm, tmp_path)  # a new process: nothing kept in memory
+    widths = batch_widths(fresh, llama_lm, ["benign"], BATCH)
     with forward_log(llama_lm) as log:
         fresh.evaluate(ctx, "benign", steered_params(fresh))  # type: ignore[arg-type]
-    unsteered_after_prompt = [entry for entry in log if entry[0] > 0 and entry[1] > 1 and not entry[2]]
-    assert encodings(log, edited=False) == N_BATCHES  # the fluency pass needs the prompts
-    assert len(unsteered_after_prompt) == N_BATCHES  # fluency only: the reference was read
+    last_columns = {width - 1 for _, width in widths}
+    unsteered_after_prompt = [p for p in log if p.offset in last_columns and not p.edited]
+    assert 0 < prompt_columns(log, widths, edited=False) <= one_encoding(widths)  # for fluency
+    assert len(unsteered_after_prompt) == len(widths)  # fluency only: the reference was read
 
 
 def test_a_conditions_uncached_splits_share_generation_batches(llama_lm: LoadedModel,
@@ -214,7 +239,10 @@ def test_a_conditions_uncached_splits_share_generation_batches(llama_lm: LoadedM
     family.evaluate_splits(ctx, splits, baseline_params())  # type: ignore[arg-type]
     with forward_log(llama_lm) as log:
         together = family.evaluate_splits(ctx, splits, steered_params(family))  # type: ignore[arg-type]
-    assert encodings(log, edited=True) == 1  # both splits' prompts in one batch
+    widths = batch_widths(family, llama_lm, splits, 2 * N_PROMPTS)
+    assert len(widths) == 1
+    generation_steps = [p for p in log if p.columns == 1]
+    assert generation_steps and all(p.rows == 2 * N_PROMPTS for p in generation_steps)
     for split in splits:
         alone, alone_ctx = family_for(llama_lm, tmp_path / split, [split], batch=2 * N_PROMPTS)
         expected = alone.evaluate(alone_ctx, split, steered_params(alone))  # type: ignore[arg-type]

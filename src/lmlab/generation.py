@@ -172,28 +172,76 @@ def encode_prompts(
     positions: Positions = "all",
     batch_size: int = 32,
 ) -> EncodedPrompts:
-    """Encode already-formatted prompts (sorted by length, left-padded, batched) once.
+    """Encode already-formatted prompts (sorted by length, batched) once.
 
     Each batch's cache holds every column but the last, computed under ``edits``; the
     hooks see the whole prompt length, so ``positions`` select columns as they do during
-    generation."""
-    tokenizer = lm.tokenizer
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    generation. The tokens every prompt starts with (a chat template's system turn) are
+    encoded once for all batches: rows are laid out ``[shared start | pad | rest]``, the
+    padding masked, so every row's last prompt token still sits in the last column."""
+    token_ids = [lm.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
+    shared = _shared_start(token_ids)
+    start = _encode_start(lm, token_ids[0][:shared], edits, positions) if shared else None
     batches = []
     for rows in _batches(order, batch_size):
-        batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(lm.device)
-        ids, mask = batch.input_ids, batch.attention_mask
-        cache = None
-        if ids.shape[1] > 1:
-            with residual_hooks(lm, edits, positions=positions, prompt_len=ids.shape[1]):
-                out = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                               position_ids=padded_positions(mask)[:, :-1], use_cache=True,
-                               logits_to_keep=1)
-            cache = _returned_cache(out)
+        ids, mask = _layout(lm, [token_ids[i] for i in rows], shared)
+        cache = _encode_rest(lm, ids, mask, shared, start, edits, positions)
         batches.append(PromptBatch(list(rows), ids, mask, cache))
     return EncodedPrompts(list(prompts), batches, dict(edits or {}), positions)
+
+
+def _shared_start(token_ids: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least its last token."""
+    if len(token_ids) < 2:
+        return 0
+    first, limit = token_ids[0], min(len(t) for t in token_ids) - 1
+    for column in range(max(limit, 0)):
+        if any(t[column] != first[column] for t in token_ids):
+            return column
+    return max(limit, 0)
+
+
+def _layout(lm: LoadedModel, rows: list[list[int]], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[shared start | pad | rest]`` per row (plain left padding when nothing is shared)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, tokens in enumerate(rows):
+        rest = len(tokens) - shared
+        ids[r, :shared], ids[r, width - rest:] = torch.tensor(tokens[:shared]), torch.tensor(tokens[shared:])
+        mask[r, :shared], mask[r, width - rest:] = 1, 1
+    return ids.to(lm.device), mask.to(lm.device)
+
+
+def _encode_start(lm: LoadedModel, tokens: list[int], edits: Mapping[int, Edit] | None,
+                  positions: Positions) -> Any:
+    """The shared start's cache, one row. Its columns lie before every batch's last prompt
+    column, so ``positions`` select them the same way whatever the batch's length."""
+    ids = torch.tensor([tokens], device=lm.device)
+    with residual_hooks(lm, edits, positions=positions, prompt_len=len(tokens) + 1):
+        out = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                       logits_to_keep=1)
+    return _returned_cache(out)
+
+
+def _encode_rest(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, shared: int, start: Any,
+                 edits: Mapping[int, Edit] | None, positions: Positions) -> Any:
+    """The cache of columns ``[0, width - 1)``: the shared start's, copied to every row,
+    extended by one pass over the rest of the prompt but its last column."""
+    width = ids.shape[1]
+    cache = None
+    if start is not None:
+        cache = copy.deepcopy(start)
+        cache.batch_repeat_interleave(ids.shape[0])
+    if width - 1 > shared:
+        given = {} if cache is None else {_cache_kwarg(lm.model): cache}
+        with residual_hooks(lm, edits, positions=positions, prompt_len=width):
+            out = lm.model(input_ids=ids[:, shared:-1], attention_mask=mask[:, :-1],
+                           position_ids=padded_positions(mask)[:, shared:-1], use_cache=True,
+                           logits_to_keep=1, **given)
+        cache = _returned_cache(out)
+    return cache
 
 
 def _encoded(lm: LoadedModel, prompts: Sequence[str] | EncodedPrompts,
