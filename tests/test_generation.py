@@ -7,8 +7,8 @@ import torch
 
 from lmlab import generation
 from lmlab.errors import LmlabError
-from lmlab.generation import (GenerationConfig, encode_prompts, generate, score_after,
-                              score_continuations)
+from lmlab.generation import (GenerationConfig, encode_prompts, generate, generate_scored,
+                              score_after, score_continuations)
 from lmlab.hooks import add_vector, residual_hooks
 from lmlab.models import LoadedModel
 
@@ -281,3 +281,24 @@ def test_generation_after_a_shared_start_matches_one_prompt_at_a_time(
     batched = generate(any_lm, prompts, greedy(), edits=edits, positions="generation")
     alone = [generate(any_lm, [p], greedy(), edits=edits, positions="generation")[0] for p in prompts]
     assert batched == alone
+
+
+@pytest.mark.parametrize("config", [greedy(max_new_tokens=6),
+                                    greedy(max_new_tokens=6, do_sample=True, temperature=1.5),
+                                    greedy(max_new_tokens=6, use_cache=False)])
+def test_generated_token_scores_equal_teacher_forced_scores_of_the_completion(
+        any_lm: LoadedModel, config: GenerationConfig) -> None:
+    """The logits generation computed anyway give each token's score under the model,
+    before any sampling processor (the temperature changes the draw, not the score)."""
+    edits = moderate_edit(any_lm)
+    prompts = chat(any_lm)
+    completions, scores = generate_scored(any_lm, prompts, config, edits=edits,
+                                          positions="generation", keep_distributions=3)
+    forced = score_continuations(any_lm, prompts, [c.token_ids for c in completions], edits=edits,
+                                 positions="generation", keep_distributions=True)
+    assert completions == generate(any_lm, prompts, config, edits=edits, positions="generation")
+    for own, teacher in zip(scores, forced):
+        assert own.token_logprobs.shape == teacher.token_logprobs.shape
+        torch.testing.assert_close(own.token_logprobs, teacher.token_logprobs, rtol=0, atol=1e-4)
+        torch.testing.assert_close(own.log_distributions, teacher.log_distributions[:3],
+                                   rtol=0, atol=1e-4)

@@ -202,6 +202,11 @@ def test_the_baseline_encodes_its_prompts_once_for_generation_and_every_score(
         family.evaluate(ctx, "benign", baseline_params())  # type: ignore[arg-type]
     assert 0 < prompt_columns(log, widths, edited=False) <= one_encoding(widths)
     assert prompt_columns(log, widths, edited=True) == 0
+    # After the prompts: generation, then the two openings; fluency and the KL reference
+    # come from generation's own logits.
+    last_columns = {width - 1 for _, width in widths}
+    scoring_passes = [p for p in log if p.offset in last_columns and p.columns > 1]
+    assert len(scoring_passes) == 2 * len(widths)
 
 
 def test_a_steered_condition_encodes_its_prompts_once_under_its_edits(

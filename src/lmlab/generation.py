@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -282,30 +283,116 @@ def generate(
     encoded with. ``row_seeds`` (sampling only): one seed per prompt. Each row then
     samples from its own generator, so its draws depend on its seed alone, not on the
     batch it lands in."""
+    return _generate(lm, prompts, config, edits, positions, progress, row_seeds, None)[0]
+
+
+@torch.inference_mode()
+def generate_scored(
+    lm: LoadedModel,
+    prompts: Sequence[str] | EncodedPrompts,
+    config: GenerationConfig = GenerationConfig(),
+    edits: Mapping[int, Edit] | None = None,
+    positions: Positions = "all",
+    progress: str | None = None,
+    keep_distributions: int = 0,
+) -> tuple[list[Completion], list[Scored]]:
+    """:func:`generate`, and the model's own log-probability of each generated token,
+    read from the logits generation computed anyway (before any sampling processor):
+    what teacher-forced scoring of the completion would give, without another pass.
+    ``keep_distributions``: also the full log-softmax of the first that many steps."""
+    completions, scores = _generate(lm, prompts, config, edits, positions, progress, None,
+                                    keep_distributions)
+    return completions, scores  # type: ignore[return-value]
+
+
+class _StepScores:
+    """Log-softmax of each decoding step's logits, matched to the token chosen from them.
+
+    A step's chosen token is the next step's last input column (or, after the last step,
+    the last output column), so one step's distribution is held until then."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.held: torch.Tensor | None = None
+        self.token_logprobs: list[torch.Tensor] = []  # per step, (batch,)
+        self.kept: list[torch.Tensor] = []  # first ``keep`` steps, (batch, vocab)
+
+    def _settle(self, chosen: torch.Tensor) -> None:
+        if self.held is not None:
+            self.token_logprobs.append(self.held.gather(-1, chosen[:, None]).squeeze(-1).cpu())
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._settle(ids[:, -1])
+        self.held = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+        if len(self.kept) < self.keep:
+            self.kept.append(self.held.cpu())
+
+    def finish(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(batch, steps) token log-probabilities, and (batch, kept steps, vocab)."""
+        self._settle(sequences[:, -1])
+        kept = torch.stack(self.kept, dim=1) if self.kept else None
+        return torch.stack(self.token_logprobs, dim=1), kept
+
+
+@contextmanager
+def _recording(lm: LoadedModel, keep: int | None) -> Iterator[_StepScores | None]:
+    if keep is None:
+        yield None
+        return
+    steps = _StepScores(keep)
+    # generate() runs the base model's forward, also under a PEFT wrapper.
+    target = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    handle = target.register_forward_hook(steps.hook, with_kwargs=True)
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+def _generate(lm: LoadedModel, prompts: Sequence[str] | EncodedPrompts, config: GenerationConfig,
+              edits: Mapping[int, Edit] | None, positions: Positions, progress: str | None,
+              row_seeds: Sequence[int] | None,
+              keep: int | None) -> tuple[list[Completion], list[Scored] | None]:
     texts = prompts.prompts if isinstance(prompts, EncodedPrompts) else list(prompts)
     if row_seeds is not None and len(row_seeds) != len(texts):
         raise ValueError(f"{len(row_seeds)} row seeds for {len(texts)} prompts")
     if not config.use_cache:
-        return _generate_uncached(lm, texts, config, edits, positions, progress, row_seeds)
-    encoded = _encoded(lm, prompts, edits, positions, config.batch_size)
+        encoded = None
+        batches = _plain_batches(lm, texts, config.batch_size)
+    else:
+        encoded = _encoded(lm, prompts, edits, positions, config.batch_size)
+        edits, positions, batches = encoded.edits, encoded.positions, encoded.batches
     eos = _eos_ids(lm)
-    key = _cache_kwarg(lm.model)
     results: dict[int, Completion] = {}
+    scores: dict[int, Scored] = {}
     bar = tqdm(total=len(texts), desc=progress, disable=progress is None, leave=False)
-    for batch_index, batch in enumerate(encoded.batches):
-        cache = {key: batch.forked_cache()} if batch.cache is not None else {}
-        with residual_hooks(lm, encoded.edits, positions=encoded.positions,
-                            prompt_len=batch.prompt_len):
+    for batch_index, batch in enumerate(batches):
+        cache = {} if batch.cache is None else {_cache_kwarg(lm.model): batch.forked_cache()}
+        with residual_hooks(lm, edits, positions=positions, prompt_len=batch.prompt_len), \
+                _recording(lm, keep) as steps:
             out = lm.model.generate(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                max_new_tokens=config.max_new_tokens, use_cache=True,
+                max_new_tokens=config.max_new_tokens, use_cache=config.use_cache,
                 pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=sorted(eos),
                 **cache, **_sampling_kwargs(config, batch.rows, batch_index, row_seeds),
             )
         _collect(lm, texts, batch.rows, out[:, batch.prompt_len:], eos, results)
+        if steps is not None:
+            _collect_scores(steps.finish(out), batch.rows, results, scores)
         bar.update(len(batch.rows))
     bar.close()
-    return [results[i] for i in range(len(texts))]
+    completions = [results[i] for i in range(len(texts))]
+    return completions, None if keep is None else [scores[i] for i in range(len(texts))]
+
+
+def _plain_batches(lm: LoadedModel, prompts: Sequence[str], batch_size: int) -> list[PromptBatch]:
+    """Left-padded batches sorted by length, nothing encoded (``use_cache: false``: every
+    step re-reads the whole sequence, a check on the cache)."""
+    token_ids = [lm.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
+    return [PromptBatch(rows, *_layout(lm, [token_ids[i] for i in rows], 0), None)
+            for rows in _batches(order, batch_size)]
 
 
 def _collect(lm: LoadedModel, prompts: Sequence[str], rows: list[int], new_tokens: torch.Tensor,
@@ -316,30 +403,13 @@ def _collect(lm: LoadedModel, prompts: Sequence[str], rows: list[int], new_token
         results[index] = Completion(prompts[index], text, tuple(ids), reason)
 
 
-def _generate_uncached(lm: LoadedModel, prompts: Sequence[str], config: GenerationConfig,
-                       edits: Mapping[int, Edit] | None, positions: Positions,
-                       progress: str | None, row_seeds: Sequence[int] | None) -> list[Completion]:
-    """``use_cache: false``: every step re-reads the whole sequence (a check on the cache)."""
-    tokenizer = lm.tokenizer
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    eos = _eos_ids(lm)
-    results: dict[int, Completion] = {}
-    bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False)
-    for batch_index, rows in enumerate(_batches(order, config.batch_size)):
-        batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(lm.device)
-        prompt_len = batch.input_ids.shape[1]
-        with residual_hooks(lm, edits, positions=positions, prompt_len=prompt_len):
-            out = lm.model.generate(
-                **batch, max_new_tokens=config.max_new_tokens, use_cache=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
-                **_sampling_kwargs(config, rows, batch_index, row_seeds),
-            )
-        _collect(lm, prompts, rows, out[:, prompt_len:], eos, results)
-        bar.update(len(rows))
-    bar.close()
-    return [results[i] for i in range(len(prompts))]
+def _collect_scores(step_scores: tuple[torch.Tensor, torch.Tensor | None], rows: list[int],
+                    results: dict[int, Completion], scores: dict[int, "Scored"]) -> None:
+    token_logprobs, kept = step_scores
+    for row, index in enumerate(rows):
+        n = len(results[index].token_ids)
+        scores[index] = Scored(token_logprobs[row, :n],
+                               None if kept is None else kept[row, :min(n, kept.shape[1])])
 
 
 @dataclass(frozen=True)

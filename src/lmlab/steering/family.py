@@ -34,7 +34,7 @@ from lmlab.data.prompts import BUNDLED_SPLITS, PromptRow, digest, load_prompt_se
 from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
 from lmlab.generation import (Completion, EncodedPrompts, GenerationConfig, encode_prompts,
-                              generate, score_after)
+                              generate, generate_scored, score_after)
 from lmlab.hooks import POSITIONS, Edit, ablate_direction, add_vector, check_layers
 from lmlab.identity import strip_operational
 from lmlab.llm.accounting import BudgetExceeded, Ledger
@@ -516,21 +516,27 @@ class SteeringFamily(Family):
         The prompts are encoded once under the edits; generation and the steered passes
         (the likelihood detector's two openings, the baseline's first ``kl_tokens`` for KL)
         all continue from that cache. Fluency is the completion under the unsteered model:
-        for the baseline that is the same encoding, and its pass also yields the unsteered
-        distributions KL compares against (returned, to be cached). A steered condition
-        reuses those distributions from ``baseline`` (or scores them once when missing).
+        for the baseline it comes from generation's own logits, which also give the
+        unsteered distributions KL compares against (returned, to be cached); a steered
+        condition scores its completion after the unsteered encoding every condition
+        shares, and reuses those distributions from ``baseline`` (or scores them once when
+        missing).
         """
         s = self.settings
         formatted = [lm.format_chat(p.prompt) for p in prompts]
         plain = self._unsteered_encoding(lm, formatted)
-        steered = plain if baseline is None else encode_prompts(
-            lm, formatted, edits, s.positions, s.generation.batch_size)  # type: ignore[arg-type]
-        completions = generate(lm, steered, s.generation, progress=f"generate {split}")
         n = len(prompts)
+        if baseline is None:  # unsteered: generation's own logits score its tokens
+            steered = plain
+            completions, fluency = generate_scored(lm, plain, s.generation, progress=f"generate {split}",
+                                                   keep_distributions=s.kl_tokens)
+        else:
+            steered = encode_prompts(lm, formatted, edits, s.positions,  # type: ignore[arg-type]
+                                     s.generation.batch_size)
+            completions = generate(lm, steered, s.generation, progress=f"generate {split}")
+            fluency = score_after(lm, plain, [c.token_ids for c in completions])
         refuse = score_after(lm, steered, [REFUSAL_OPENING] * n)
         comply = score_after(lm, steered, [COMPLIANCE_OPENING] * n)
-        fluency = score_after(lm, plain, [c.token_ids for c in completions],
-                              keep_distributions=s.kl_tokens if baseline is None else 0)
         if baseline is None:
             reference, kls = [f.log_distributions for f in fluency], [0.0] * n
         else:
