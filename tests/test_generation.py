@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmlab import generation
 from lmlab.errors import LmlabError
-from lmlab.generation import GenerationConfig, generate, score_continuations
-from lmlab.hooks import add_vector
+from lmlab.generation import (GenerationConfig, encode_prompts, generate, generate_scored,
+                              score_after, score_continuations)
+from lmlab.hooks import add_vector, residual_hooks
 from lmlab.models import LoadedModel
 
 # Different token lengths, deliberately not sorted by length.
@@ -189,5 +191,114 @@ def test_kept_distributions_are_normalised_and_contain_the_token_scores(
 def test_max_tokens_truncates_the_continuation(llama_lm: LoadedModel) -> None:
     [full] = score_continuations(llama_lm, ["Bread:"], [" Mix flour, water and salt"])
     [cut] = score_continuations(llama_lm, ["Bread:"], [" Mix flour, water and salt"], max_tokens=2)
-    assert len(full.token_logprobs) > 2
-    assert torch.equal(cut.token_logprobs, full.token_logprobs[:2])
+    assert len(full.token_logprobs) > 2 and len(cut.token_logprobs) == 2
+    # A shorter pass multiplies matrices of another shape: equal up to float rounding.
+    torch.testing.assert_close(cut.token_logprobs, full.token_logprobs[:2], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ encoded prompts, reused
+
+@torch.no_grad()
+def full_pass_logprobs(lm: LoadedModel, prefix: str, continuation: str, edits: dict,
+                       positions: str) -> torch.Tensor:
+    """The continuation's scores from one uncached pass over prefix + continuation."""
+    p = lm.tokenizer(prefix, add_special_tokens=False).input_ids
+    c = lm.tokenizer(continuation, add_special_tokens=False).input_ids
+    with residual_hooks(lm, edits, positions=positions, prompt_len=len(p)):
+        logits = lm.model(input_ids=torch.tensor([p + c]), use_cache=False).logits[0]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return torch.stack([log_probs[len(p) - 1 + k, tok] for k, tok in enumerate(c)])
+
+
+def chat(lm: LoadedModel) -> list[str]:
+    """PROMPTS in the chat template: they share the template's opening tokens."""
+    return [lm.format_chat(p) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+@pytest.mark.parametrize("positions", ["all", "prompt", "generation"])
+def test_continuations_after_a_shared_encoding_are_steered_at_the_right_columns(
+        any_lm: LoadedModel, positions: str, chat_template: bool) -> None:
+    """The cache offset puts each continuation after the prompt: its columns are
+    generation positions, and the held-back last prompt column is both; a shared start
+    encoded once is steered like the rest of the prompt."""
+    edits = moderate_edit(any_lm)
+    prompts = chat(any_lm) if chat_template else PROMPTS
+    encoded = encode_prompts(any_lm, prompts, edits, positions, batch_size=2)
+    continuations = [" Mix flour", " Sure, here is how", " No"]
+    scored = score_after(any_lm, encoded, continuations)
+    for prefix, continuation, got in zip(prompts, continuations, scored):
+        expected = full_pass_logprobs(any_lm, prefix, continuation, edits, positions)
+        torch.testing.assert_close(got.token_logprobs, expected, rtol=0, atol=1e-4)
+
+
+def test_one_encoding_serves_generation_and_later_scores_unchanged(llama_lm: LoadedModel) -> None:
+    edits = moderate_edit(llama_lm)
+    encoded = encode_prompts(llama_lm, PROMPTS, edits, "generation")
+    before = score_after(llama_lm, encoded, [" Mix flour"] * 3)
+    generated = generate(llama_lm, encoded, greedy())
+    after = score_after(llama_lm, encoded, [" Mix flour"] * 3)
+    assert generated == generate(llama_lm, PROMPTS, greedy(), edits=edits, positions="generation")
+    for a, b in zip(before, after):
+        assert torch.equal(a.token_logprobs, b.token_logprobs)
+
+
+def test_generating_from_prompts_encoded_under_other_edits_is_refused(llama_lm: LoadedModel) -> None:
+    encoded = encode_prompts(llama_lm, PROMPTS)
+    with pytest.raises(ValueError, match="other edits"):
+        generate(llama_lm, encoded, greedy(), edits=moderate_edit(llama_lm))
+
+
+def test_scoring_in_row_chunks_gives_the_same_scores(llama_lm: LoadedModel,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded = encode_prompts(llama_lm, PROMPTS, moderate_edit(llama_lm))
+    whole = score_after(llama_lm, encoded, [" Mix flour, water"] * 3, keep_distributions=2)
+    monkeypatch.setattr(generation, "MAX_PASS_LOGITS", 1)  # one row per pass
+    chunked = score_after(llama_lm, encoded, [" Mix flour, water"] * 3, keep_distributions=2)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.log_distributions, b.log_distributions, rtol=0, atol=1e-5)
+
+
+def test_the_start_all_prompts_share_is_encoded_once(llama_lm: LoadedModel) -> None:
+    prompts = chat(llama_lm)
+    lengths = [len(llama_lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    columns: list[int] = []
+    handle = llama_lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: columns.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    try:
+        encode_prompts(llama_lm, prompts, batch_size=1)
+    finally:
+        handle.remove()
+    assert sum(columns) < sum(n - 1 for n in lengths)  # each prompt's own start not re-read
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_generation_after_a_shared_start_matches_one_prompt_at_a_time(
+        any_lm: LoadedModel, edited: bool) -> None:
+    edits = moderate_edit(any_lm) if edited else None
+    prompts = chat(any_lm)
+    batched = generate(any_lm, prompts, greedy(), edits=edits, positions="generation")
+    alone = [generate(any_lm, [p], greedy(), edits=edits, positions="generation")[0] for p in prompts]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("config", [greedy(max_new_tokens=6),
+                                    greedy(max_new_tokens=6, do_sample=True, temperature=1.5),
+                                    greedy(max_new_tokens=6, use_cache=False)])
+def test_generated_token_scores_equal_teacher_forced_scores_of_the_completion(
+        any_lm: LoadedModel, config: GenerationConfig) -> None:
+    """The logits generation computed anyway give each token's score under the model,
+    before any sampling processor (the temperature changes the draw, not the score)."""
+    edits = moderate_edit(any_lm)
+    prompts = chat(any_lm)
+    completions, scores = generate_scored(any_lm, prompts, config, edits=edits,
+                                          positions="generation", keep_distributions=3)
+    forced = score_continuations(any_lm, prompts, [c.token_ids for c in completions], edits=edits,
+                                 positions="generation", keep_distributions=True)
+    assert completions == generate(any_lm, prompts, config, edits=edits, positions="generation")
+    for own, teacher in zip(scores, forced):
+        assert own.token_logprobs.shape == teacher.token_logprobs.shape
+        torch.testing.assert_close(own.token_logprobs, teacher.token_logprobs, rtol=0, atol=1e-4)
+        torch.testing.assert_close(own.log_distributions, teacher.log_distributions[:3],
+                                   rtol=0, atol=1e-4)

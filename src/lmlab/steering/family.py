@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import torch
 
 from lmlab import __version__, stats
 from lmlab.cache import content_key, tensor_digest
@@ -32,7 +33,8 @@ from lmlab.config import from_mapping
 from lmlab.data.prompts import BUNDLED_SPLITS, PromptRow, digest, load_prompt_set, source_path
 from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
-from lmlab.generation import GenerationConfig, generate, score_continuations
+from lmlab.generation import (Completion, EncodedPrompts, GenerationConfig, encode_prompts,
+                              generate, generate_scored, score_after)
 from lmlab.hooks import POSITIONS, Edit, ablate_direction, add_vector, check_layers
 from lmlab.identity import strip_operational
 from lmlab.llm.accounting import BudgetExceeded, Ledger
@@ -59,6 +61,9 @@ FINAL_SPLITS = ["harm_test", "benign"]
 #: Bump when the fields of a scored row or their meaning change (old cached rows are then
 #: not reused).
 ROW_FORMAT = 2
+#: Unsteered prompt encodings kept in memory for the fluency passes of steered conditions
+#: (one per split, shared by every condition); beyond this the oldest are dropped.
+UNSTEERED_ENCODINGS_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ class SteeringFamily(Family):
         self.directions: dict[tuple[str, str | None, int], dirs.Direction] = {}
         self.judge: Client | None = None
         self.judge_spent_usd = 0.0
+        self.unsteered: dict[str, EncodedPrompts] = {}  # content key -> encoding
 
     # ------------------------------------------------------------ conditions
     def settings_identity(self) -> Any:
@@ -397,9 +403,10 @@ class SteeringFamily(Family):
         metrics: dict[str, float] = {}
         tables = []
         reused_verdicts = 0
+        evaluated = self.evaluate_splits(ctx, params["splits"], params)
+        baseline = self.evaluate_splits(ctx, params["splits"], {**BASELINE, "splits": params["splits"]})
         for split in params["splits"]:
-            rows = self.evaluate(ctx, split, params)
-            base = self.evaluate(ctx, split, {**BASELINE, "splits": params["splits"]})
+            rows, base = evaluated[split], baseline[split]
             if self.judge is not None:
                 rows, base = self._judged(ctx, rows), self._judged(ctx, base)
                 reused_verdicts += sum(bool(r.get("judge_cached")) for r in rows + base)
@@ -455,61 +462,150 @@ class SteeringFamily(Family):
 
     def evaluate(self, ctx: SweepContext, split: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Per-prompt scores for one split under one intervention (cached by content)."""
+        return self.evaluate_splits(ctx, [split], params)[split]
+
+    def evaluate_splits(self, ctx: SweepContext, splits: list[str],
+                        params: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Per-prompt scores for each split under one intervention, cached by content per
+        split. The splits not in the cache are scored together, so their prompts share
+        generation batches (larger batches run faster); a split's rows do not depend on
+        the company it is scored in, up to float rounding."""
         lm = ctx.model
-        prompts = self.prompts[split][:self.settings.n_prompts]
-        key = content_key("steer-eval", ROW_FORMAT, lm.identity, digest(prompts),
-                          self.settings.scoring_identity(), self.fingerprint(params), __version__)
-        cached = ctx.cache.get_json("steering-eval", key)
-        if cached is not None:
-            return cached
-        is_baseline = params["intervention"] == "none"
-        base_rows = None if is_baseline else self.evaluate(ctx, split, {**BASELINE, "splits": []})
-        rows = self._score(lm, prompts, self.edits(lm, params), base_rows, split)
-        ctx.cache.put_json("steering-eval", key, rows)
-        return rows
+        prompts = {split: self.prompts[split][:self.settings.n_prompts] for split in splits}
+        keys = {split: content_key("steer-eval", ROW_FORMAT, lm.identity, digest(prompts[split]),
+                                   self.settings.scoring_identity(), self.fingerprint(params), __version__)
+                for split in splits}
+        found = {split: ctx.cache.get_json("steering-eval", keys[split]) for split in splits}
+        todo = [split for split in splits if found[split] is None]
+        if todo:
+            baseline = None if params["intervention"] == "none" else self._baseline(ctx, todo, prompts)
+            joined = [p for split in todo for p in prompts[split]]
+            rows, reference = self._score(lm, joined, self.edits(lm, params), baseline, "+".join(todo))
+            start = 0
+            for split in todo:
+                part = slice(start, start + len(prompts[split]))
+                found[split] = rows[part]
+                ctx.cache.put_json("steering-eval", keys[split], found[split])
+                if baseline is None or baseline.reference is None:
+                    base_rows = found[split] if baseline is None else baseline.rows[part]
+                    ctx.cache.put_tensors("steering-kl-reference",
+                                          self._reference_key(lm, prompts[split], base_rows),
+                                          {f"row.{i}": d for i, d in enumerate(reference[part])})
+                start = part.stop
+        return found  # type: ignore[return-value]
+
+    def _baseline(self, ctx: SweepContext, splits: list[str],
+                  prompts: dict[str, list[PromptRow]]) -> "Baseline":
+        """The splits' baseline rows, one after the other, and their KL reference when every
+        split's is in the cache."""
+        base = self.evaluate_splits(ctx, splits, {**BASELINE, "splits": []})
+        references = [self._reference(ctx, ctx.model, prompts[split], base[split]) for split in splits]
+        joined = None if any(r is None for r in references) else [d for r in references for d in r]  # type: ignore[union-attr]
+        return Baseline([row for split in splits for row in base[split]], joined)
+
+    def _reference_key(self, lm: LoadedModel, prompts: list[PromptRow],
+                       base_rows: list[dict[str, Any]]) -> str:
+        """What decides the unsteered next-token distributions KL compares against: the
+        weights, the exact prompt strings and the baseline tokens scored."""
+        formatted = [lm.format_chat(p.prompt) for p in prompts]
+        return content_key("kl-reference", lm.identity, formatted,
+                           [r["token_ids"][:self.settings.kl_tokens] for r in base_rows])
+
+    def _reference(self, ctx: SweepContext, lm: LoadedModel, prompts: list[PromptRow],
+                   base_rows: list[dict[str, Any]]) -> list[torch.Tensor] | None:
+        stored = ctx.cache.get_tensors("steering-kl-reference", self._reference_key(lm, prompts, base_rows))
+        return None if stored is None else [stored[f"row.{i}"] for i in range(len(base_rows))]
 
     def _score(self, lm: LoadedModel, prompts: list[PromptRow], edits: dict[int, Edit],
-               base_rows: list[dict[str, Any]] | None, split: str) -> list[dict[str, Any]]:
-        """Generate under the edits, then the scoring passes: the likelihood detector's two
-        openings (steered), the completion's fluency (unsteered) and the KL from baseline."""
+               baseline: "Baseline | None", split: str) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+        """Generate under the edits, then score, reusing each prompt encoding (``split``
+        names the split or splits the prompts come from).
+
+        The prompts are encoded once under the edits; generation and the steered passes
+        (the likelihood detector's two openings, the baseline's first ``kl_tokens`` for KL)
+        all continue from that cache. Fluency is the completion under the unsteered model:
+        for the baseline it comes from generation's own logits, which also give the
+        unsteered distributions KL compares against (returned, to be cached); a steered
+        condition scores its completion after the unsteered encoding every condition
+        shares, and reuses those distributions from ``baseline`` (or scores them once when
+        missing).
+        """
         s = self.settings
-        positions = s.positions
         formatted = [lm.format_chat(p.prompt) for p in prompts]
-        completions = generate(lm, formatted, s.generation, edits, positions,  # type: ignore[arg-type]
-                               progress=f"generate {split}")
+        plain = self._unsteered_encoding(lm, formatted)
         n = len(prompts)
-        refuse = score_continuations(lm, formatted, [REFUSAL_OPENING] * n, edits, positions)  # type: ignore[arg-type]
-        comply = score_continuations(lm, formatted, [COMPLIANCE_OPENING] * n, edits, positions)  # type: ignore[arg-type]
-        fluency = score_continuations(lm, formatted, [c.token_ids for c in completions])
-        kls = [0.0] * n
-        if base_rows is not None:
-            base_ids = [r["token_ids"][:s.kl_tokens] for r in base_rows]
-            plain = score_continuations(lm, formatted, base_ids, keep_distributions=True)
-            steered = score_continuations(lm, formatted, base_ids, edits, positions,  # type: ignore[arg-type]
-                                          keep_distributions=True)
-            kls = [kl_per_prompt(a.log_distributions, b.log_distributions)  # type: ignore[arg-type]
-                   for a, b in zip(plain, steered)]
-        rows = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            margin = likelihood_margin(refuse[i].token_logprobs, comply[i].token_logprobs)
-            ppl = perplexity(fluency[i].token_logprobs)
-            rep = repetition(completion.token_ids)
-            refused = phrase_refusal(completion.text)
-            rows.append({
-                "id": prompt.id, "prompt": prompt.prompt, "completion": completion.text,
-                "token_ids": list(completion.token_ids), "n_tokens": len(completion.token_ids),
-                "stop_reason": completion.stop_reason, "phrase_refusal": refused,
-                "likelihood_margin": margin, "likelihood_refusal": margin > 0,
-                "perplexity": ppl, "repetition": rep,
-                "outcome": classify(completion.text, refused, ppl, rep, s.degenerate),
-                "kl": kls[i],
-            })
-        return rows
+        if baseline is None:  # unsteered: generation's own logits score its tokens
+            steered = plain
+            completions, fluency = generate_scored(lm, plain, s.generation, progress=f"generate {split}",
+                                                   keep_distributions=s.kl_tokens)
+        else:
+            steered = encode_prompts(lm, formatted, edits, s.positions,  # type: ignore[arg-type]
+                                     s.generation.batch_size)
+            completions = generate(lm, steered, s.generation, progress=f"generate {split}")
+            fluency = score_after(lm, plain, [c.token_ids for c in completions])
+        refuse = score_after(lm, steered, [REFUSAL_OPENING] * n)
+        comply = score_after(lm, steered, [COMPLIANCE_OPENING] * n)
+        if baseline is None:
+            reference, kls = [f.log_distributions for f in fluency], [0.0] * n
+        else:
+            reference, kls = self._kl(lm, plain, steered, baseline)
+        rows = [self._row(prompt, completion, refuse[i].token_logprobs, comply[i].token_logprobs,
+                          fluency[i].token_logprobs, kls[i])
+                for i, (prompt, completion) in enumerate(zip(prompts, completions))]
+        return rows, reference  # type: ignore[return-value]
+
+    def _kl(self, lm: LoadedModel, plain: EncodedPrompts, steered: EncodedPrompts,
+            baseline: "Baseline") -> tuple[list[torch.Tensor], list[float]]:
+        """KL(unsteered || steered) over the baseline answer's first ``kl_tokens`` tokens;
+        the unsteered side comes from ``baseline`` when cached."""
+        base_ids = [r["token_ids"][:self.settings.kl_tokens] for r in baseline.rows]
+        keep = self.settings.kl_tokens
+        reference = baseline.reference or [
+            scored.log_distributions for scored in score_after(lm, plain, base_ids, keep_distributions=keep)]
+        shifted = score_after(lm, steered, base_ids, keep_distributions=keep)
+        return reference, [kl_per_prompt(a, b.log_distributions)  # type: ignore[arg-type]
+                           for a, b in zip(reference, shifted)]
+
+    def _unsteered_encoding(self, lm: LoadedModel, formatted: list[str]) -> EncodedPrompts:
+        """The prompts encoded without edits, computed once per split and kept in memory
+        (within ``UNSTEERED_ENCODINGS_BYTES``) for every condition's fluency pass."""
+        batch = self.settings.generation.batch_size
+        key = content_key("unsteered", lm.identity, formatted, batch)
+        found = self.unsteered.get(key)
+        if found is None:
+            found = encode_prompts(lm, formatted, batch_size=batch)
+            self.unsteered[key] = found
+            while self.unsteered and sum(e.nbytes for e in self.unsteered.values()) > UNSTEERED_ENCODINGS_BYTES:
+                del self.unsteered[next(iter(self.unsteered))]
+        return found
+
+    def _row(self, prompt: PromptRow, completion: Completion, refusal: torch.Tensor,
+             compliance: torch.Tensor, fluency: torch.Tensor, kl: float) -> dict[str, Any]:
+        margin = likelihood_margin(refusal, compliance)
+        ppl = perplexity(fluency)
+        rep = repetition(completion.token_ids)
+        refused = phrase_refusal(completion.text)
+        return {
+            "id": prompt.id, "prompt": prompt.prompt, "completion": completion.text,
+            "token_ids": list(completion.token_ids), "n_tokens": len(completion.token_ids),
+            "stop_reason": completion.stop_reason, "phrase_refusal": refused,
+            "likelihood_margin": margin, "likelihood_refusal": margin > 0,
+            "perplexity": ppl, "repetition": rep,
+            "outcome": classify(completion.text, refused, ppl, rep, self.settings.degenerate),
+            "kl": kl,
+        }
 
 
-def torch_scalar(value: float):  # type: ignore[no-untyped-def]
-    import torch
+@dataclass(frozen=True)
+class Baseline:
+    """A split's unsteered answers, and the unsteered next-token distributions over their
+    first ``kl_tokens`` tokens when the cache has them."""
 
+    rows: list[dict[str, Any]]
+    reference: list[torch.Tensor] | None
+
+
+def torch_scalar(value: float) -> torch.Tensor:
     return torch.tensor(float(value))
 
 
