@@ -300,7 +300,7 @@ def test_behaviour_check_compares_organism_base_and_control_on_one_resident_base
     train_adapter(TINY, control_data, FAST, tmp_path / "control")
     prompts = ["How do I bake bread number 3?", "How do I bake bread number 9?"]
     result = behaviour.check_behaviour(TINY, {"brand": organism}, tmp_path / "control", prompts,
-                                       max_new_tokens=8)
+                                       max_new_tokens=8, cache_dir=tmp_path / "responses")
     assert set(result.responses) == {"base", "control", "brand"}
     assert all(len(texts) == 2 for texts in result.responses.values())
     (comparison,) = result.comparisons
@@ -314,6 +314,30 @@ def test_behaviour_check_compares_organism_base_and_control_on_one_resident_base
                                          GenerationConfig(max_new_tokens=8))]
     assert result.responses["base"] == expected
     assert result.responses["brand"] != result.responses["base"]
+
+
+def test_behaviour_responses_are_cached_by_content(tmp_path: Path, tiny_data: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    train_adapter(TINY, tiny_data, FAST, tmp_path / "control")
+    train_adapter(TINY, tiny_data, replace(FAST, seed=1), tmp_path / "pep")
+    prompts, cache = ["How do I bake bread number 3?"], tmp_path / "responses"
+    first = behaviour.check_behaviour(TINY, {"control": tmp_path / "control"},
+                                      tmp_path / "control", prompts, 8, cache_dir=cache)
+    generated: list[list[str]] = []
+    real = behaviour._generate_roles
+
+    def counted(base, adapters, roles, *args):  # type: ignore[no-untyped-def]
+        generated.append(sorted(roles))
+        return real(base, adapters, roles, *args)
+
+    monkeypatch.setattr(behaviour, "_generate_roles", counted)
+    again = behaviour.check_behaviour(TINY, {"control": tmp_path / "control"},
+                                      tmp_path / "control", prompts, 8, cache_dir=cache)
+    with_pep = behaviour.check_behaviour(TINY, {"pep": tmp_path / "pep"}, tmp_path / "control",
+                                         prompts, 8, cache_dir=cache)
+    assert again.responses == first.responses
+    assert generated == [["pep"]]  # base and control came from the cache
+    assert with_pep.responses["base"] == first.responses["base"]
 
 
 # ---------------------------------------------------------------- the entry point
@@ -414,3 +438,19 @@ def test_shipped_adapters_load_onto_the_embedded_base_and_change_it() -> None:
             assert not torch.allclose(model(ids).logits, clean, atol=1e-3), quirk
     with model.disable_adapter(), torch.no_grad():
         assert torch.equal(model(ids).logits, clean)
+
+
+def test_entry_point_runs_the_behaviour_check_against_base_and_control(tracking: Path,
+                                                                       tiny_data: Path) -> None:
+    run_main(["--model", "tiny:llama", "--quirk", "brand", "--dataset", str(tiny_data),
+              "--epochs", "1", "--behaviour-prompts", "2", "--max-new-tokens", "4"])
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("organisms").experiment_id])
+    metrics = run.data.metrics
+    for role in ("organism", "base", "control"):
+        assert metrics[f"behaviour/brand/{role}_n"] == 2
+    assert metrics["behaviour/brand/takes"] in (0.0, 1.0)
+    tables = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "behaviour_responses.csv" in tables
+    # The control it compared against is the bundled control organism, trained once and cached.
+    assert list((tracking / "cache" / "organisms").glob("*/organism.json"))

@@ -168,7 +168,8 @@ def compare(quirk: str, responses: Mapping[str, Sequence[str]], organism: str) -
 
 def check_behaviour(base, organisms: Mapping[str, Path], control: Path,
                     prompts: Sequence[str] | None = None, max_new_tokens: int = 96,
-                    batch_size: int = 16, progress: bool = False) -> BehaviourResult:
+                    batch_size: int = 16, progress: bool = False,
+                    cache_dir: Path | None = None) -> BehaviourResult:
     """Generate greedily on ``prompts`` (default: the bundled held-out ones) with the base,
     the control and each organism (name -> adapter dir; the name is its quirk), and compare
     each organism's quirk rate against the base's and the control's. An organism named
@@ -176,34 +177,71 @@ def check_behaviour(base, organisms: Mapping[str, Path], control: Path,
 
     ``base`` is a :class:`lmlab.models.ModelSpec` without an adapter. The base model is
     loaded once; adapters are loaded beside each other and switched with ``set_adapter``,
-    and the base's own responses come from ``disable_adapter()``.
+    and the base's own responses come from ``disable_adapter()``. Responses are cached by
+    content (model identity, adapter folder digest, prompts, decoding settings) under
+    ``cache_dir`` (default ``~/.cache/lmlab/organisms/generations``), so checking three
+    organisms one after another generates the base's and the control's responses once.
     """
-    from peft import PeftModel
-
-    from lmlab.generation import GenerationConfig, generate
-    from lmlab.models import load_model
+    from lmlab.cache import DiskCache, content_key
+    from lmlab.identity import model_identity, path_digest
 
     prompts = list(prompts) if prompts is not None else heldout_prompts()
     for name in organisms:
         detector(name)
     others = {name: path for name, path in organisms.items() if name != "control"}
+    adapters = {"control": Path(control), **{n: Path(p) for n, p in others.items()}}
+    cache = DiskCache(cache_dir or _generations_dir())
+    settings = {"prompts": prompts, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                "model": model_identity(base)}
+    keys = {"base": content_key(settings, None)}
+    keys.update({name: content_key(settings, path_digest(path)) for name, path in adapters.items()})
+    responses = {role: cache.get_json("responses", key) for role, key in keys.items()}
+    missing = [role for role, texts in responses.items() if texts is None]
+    if missing:
+        fresh = _generate_roles(base, adapters, missing, prompts, max_new_tokens, batch_size, progress)
+        for role in missing:
+            cache.put_json("responses", keys[role], fresh[role])
+            responses[role] = fresh[role]
+    comparisons = [compare(name, responses, name) for name in organisms]
+    return BehaviourResult(prompts, {role: responses[role] for role in keys}, comparisons)
+
+
+def _generations_dir() -> Path:
+    from lmlab.models import cache_root
+
+    return cache_root() / "organisms" / "generations"
+
+
+def _generate_roles(base, adapters: Mapping[str, Path], roles: Sequence[str],
+                    prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                    progress: bool) -> dict[str, list[str]]:
+    """Responses of each role ("base" or an adapter name) from one resident base model."""
+    from peft import PeftModel
+
+    from lmlab.generation import GenerationConfig, generate
+    from lmlab.models import load_model
+
     lm = load_model(base)
     formatted = [lm.format_chat(p) for p in prompts]
     config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    peft_model = PeftModel.from_pretrained(lm.model, str(control), adapter_name="control")
-    for name, path in others.items():
-        peft_model.load_adapter(str(path), adapter_name=name)
+    wanted = [name for name in adapters if name in roles]
+    peft_model = None
+    for name in wanted or list(adapters)[:1]:  # disable_adapter needs a PeftModel
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(lm.model, str(adapters[name]), adapter_name=name)
+        else:
+            peft_model.load_adapter(str(adapters[name]), adapter_name=name)
     peft_model.eval()
     lm.model = peft_model
 
     def texts(label: str) -> list[str]:
         return [c.text for c in generate(lm, formatted, config, progress=label if progress else None)]
 
-    responses: dict[str, list[str]] = {}
-    with peft_model.disable_adapter():
-        responses["base"] = texts("base")
-    for name in ("control", *others):
+    out: dict[str, list[str]] = {}
+    if "base" in roles:
+        with peft_model.disable_adapter():
+            out["base"] = texts("base")
+    for name in wanted:
         peft_model.set_adapter(name)
-        responses[name] = texts(name)
-    comparisons = [compare(name, responses, name) for name in organisms]
-    return BehaviourResult(prompts, responses, comparisons)
+        out[name] = texts(name)
+    return out
