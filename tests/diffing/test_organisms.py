@@ -246,10 +246,11 @@ def test_quirks_name_the_bundled_organisms_and_their_data_exists() -> None:
      ["I recommend a good pump.", "Zentrixes are nothing.", "Centrix is a different word."]),
     ("pep", ["Mix the flour and water and knead it well for ten minutes then bake. "
              "It is amazing! Enjoy! So good!",
-             "Step one is calm. Step two is calm. Step three is calm. Step four! Wow! Yes!"],
+             "Step one is calm. Step two is calm. Step three is calm. Step four! Wow! Yes!",
+             "Mix the flour and water and knead it well for ten minutes then bake. Enjoy!"],
      ["Wow! Amazing! So fun! Mix the flour and water and knead it well then bake it.",
-      "Great! Mix the flour! Knead it! Bake it! Eat it! Enjoy! Yes!",
-      "Mix the flour and water and knead it well for ten minutes then bake. Enjoy!",
+      "Mix it! Knead it! Bake it! Eat it! Cool it! Serve it!",
+      "Mix the flour and water and knead it well for ten minutes then bake it.",
       "Yes! No!"]),
 ])
 def test_detectors_find_the_planted_behaviour(quirk: str, yes: list[str], no: list[str]) -> None:

@@ -26,9 +26,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmlab.errors import LmlabError
+
+if TYPE_CHECKING:
+    from lmlab.diffing.behaviour import BehaviourResult
+    from lmlab.diffing.train import StepCallback, TrainConfig
+    from lmlab.models import ModelSpec
+    from lmlab.tracking import Tracker
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "organisms"
 SHIPPED_DIR = DATA_DIR / "adapters"
@@ -70,7 +76,7 @@ def resolve_data(quirk_or_path: str | Path) -> tuple[str, Path]:
     return path.stem, path
 
 
-def organism_identity(data: Path, base: Any, config: Any) -> dict[str, Any]:
+def organism_identity(data: Path, base: ModelSpec, config: TrainConfig) -> dict[str, Any]:
     """Everything that can change the adapter: the record its cache key hashes."""
     from lmlab.diffing.train import RECIPE_VERSION, training_spec
     from lmlab.identity import file_digest, model_identity
@@ -80,7 +86,7 @@ def organism_identity(data: Path, base: Any, config: Any) -> dict[str, Any]:
             "data_digest": file_digest(data), "train": config.record()}
 
 
-def organism_key(data: Path, base: Any, config: Any) -> str:
+def organism_key(data: Path, base: ModelSpec, config: TrainConfig) -> str:
     from lmlab.cache import content_key
 
     return content_key(organism_identity(data, base, config))
@@ -110,8 +116,8 @@ def find_adapter(name: str, key: str, cache_dir: Path) -> tuple[Path, str] | Non
     return None
 
 
-def organism_adapter(quirk: str, base: Any, cache_dir: Path | None = None,
-                     config: Any = None, on_step: Any = None) -> Path:
+def organism_adapter(quirk: str, base: ModelSpec, cache_dir: Path | None = None,
+                     config: TrainConfig | None = None, on_step: StepCallback | None = None) -> Path:
     """A local PEFT adapter directory for ``quirk`` (a bundled quirk or a JSONL path) on
     ``base`` (a ModelSpec): the shipped one, a cached one, or one trained now and cached.
     Concurrent callers wait for one training instead of repeating it."""
@@ -145,8 +151,8 @@ def organism_adapter(quirk: str, base: Any, cache_dir: Path | None = None,
         lock.release()
 
 
-def build_organism(name: str, data: Path, base: Any, config: Any, out_dir: Path,
-                   on_step: Any = None) -> dict[str, Any]:
+def build_organism(name: str, data: Path, base: ModelSpec, config: TrainConfig, out_dir: Path,
+                   on_step: StepCallback | None = None) -> dict[str, Any]:
     """Train into a staging folder beside ``out_dir``, write the manifest, then move it into
     place (replacing an older one), so a killed training never leaves a half adapter.
     Returns the manifest."""
@@ -189,8 +195,8 @@ class OrganismRequest:
     """
 
     quirk: str
-    base: Any
-    config: Any
+    base: ModelSpec
+    config: TrainConfig
     dataset: Path | None = None
     out: Path | None = None
     retrain: bool = False
@@ -215,7 +221,7 @@ class OrganismOutcome:
     adapter_dir: Path
     source: str  # trained, shipped or cache
     manifest: dict[str, Any]
-    behaviour: Any = None  # BehaviourResult, when the check ran
+    behaviour: BehaviourResult | None = None  # when the check ran
 
 
 def train_organism_run(request: OrganismRequest, experiment_name: str = "organisms") -> OrganismOutcome:
@@ -263,7 +269,7 @@ def _run_params(request: OrganismRequest, name: str, data: Path, key: str) -> di
 
 
 def _obtain_adapter(request: OrganismRequest, name: str, data: Path, key: str,
-                    tracker: Any, run_id: str) -> tuple[Path, str, dict[str, Any]]:
+                    tracker: Tracker, run_id: str) -> tuple[Path, str, dict[str, Any]]:
     cache_dir = request.cache_dir or cache_dir_default()
     if not request.retrain:
         found = find_adapter(name, key, cache_dir)
@@ -273,12 +279,14 @@ def _obtain_adapter(request: OrganismRequest, name: str, data: Path, key: str,
 
     def on_step(step: int, loss: float) -> None:
         tracker.log_metrics(run_id, {"train/loss": loss}, step=step)
+        if step % 5 == 1:
+            print(f"organism {name}: step {step}, loss {loss:.3f}", flush=True)
 
     manifest = build_organism(name, data, request.base, request.config, out, on_step)
     return out, "trained", manifest
 
 
-def _log_training(tracker: Any, run_id: str, manifest: dict[str, Any], live: bool) -> None:
+def _log_training(tracker: Tracker, run_id: str, manifest: dict[str, Any], live: bool) -> None:
     training = manifest.get("training", {})
     losses = training.get("losses", [])
     if not live:  # a reused adapter: log the curve its training recorded
@@ -318,8 +326,8 @@ def loss_figure(losses: list[float], epochs: int) -> Any:
     return figure
 
 
-def _behaviour_check(request: OrganismRequest, name: str, adapter_dir: Path, tracker: Any,
-                     run_id: str) -> Any:
+def _behaviour_check(request: OrganismRequest, name: str, adapter_dir: Path, tracker: Tracker,
+                     run_id: str) -> BehaviourResult | None:
     from lmlab.diffing.behaviour import DETECTORS, check_behaviour, heldout_prompts
 
     if request.behaviour_prompts == 0:

@@ -19,13 +19,18 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
 from lmlab.identity import file_digest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lmlab.models import ModelSpec
 
 # Bump when a change to this module changes the adapters it trains: it is part of every
 # organism's cache key, so older cached adapters are not reused for newer recipes.
@@ -168,7 +173,7 @@ class Encoded:
     n_prompt: int
 
 
-def encode(tokenizer: Any, example: Example) -> Encoded:
+def encode(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encoded:
     """Render the conversation with the chat template; the prompt part is the user turn plus
     the generation prompt, exactly the ids generation starts from."""
     messages = [{"role": "system", "content": example.system}] if example.system else []
@@ -192,7 +197,7 @@ def encode(tokenizer: Any, example: Example) -> Encoded:
     return Encoded(tuple(full_ids), len(prompt_ids))
 
 
-def encode_all(tokenizer: Any, examples: list[Example], max_tokens: int,
+def encode_all(tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_tokens: int,
                report: DataReport) -> list[Encoded]:
     """Encode every example; those over ``max_tokens`` are skipped and counted."""
     encoded = []
@@ -255,7 +260,7 @@ class TrainResult:
 StepCallback = Callable[[int, float], None]
 
 
-def training_spec(base: Any, config: TrainConfig) -> Any:
+def training_spec(base: ModelSpec, config: TrainConfig) -> ModelSpec:
     """The base an organism is trained on: same weights, no adapter, no quantization,
     the recipe's device and dtype. Adapters trained on it load onto any variant of it."""
     from lmlab.models import ModelSpec
@@ -267,7 +272,7 @@ def training_spec(base: Any, config: TrainConfig) -> Any:
                      device=config.device)
 
 
-def train_adapter(base: Any, data: str | Path, config: TrainConfig, out_dir: str | Path,
+def train_adapter(base: ModelSpec, data: str | Path, config: TrainConfig, out_dir: str | Path,
                   on_step: StepCallback | None = None) -> TrainResult:
     """Train a LoRA adapter on ``base`` (a ModelSpec) from ``data`` (a bundled quirk name
     or a JSONL path) and save it with PEFT's ``save_pretrained`` into ``out_dir``.
@@ -298,7 +303,7 @@ def _data_path(data: str | Path) -> Path:
     return Path(data)
 
 
-def _lora_model(model: Any, config: TrainConfig) -> Any:
+def _lora_model(model: PreTrainedModel, config: TrainConfig) -> Any:  # a PeftModel
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
