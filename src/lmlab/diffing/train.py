@@ -49,6 +49,10 @@ class TrainConfig:
     max_tokens: longest rendered example (prompt + response) in tokens; longer ones are
         skipped and counted (``too_long``), never truncated.
     seed: LoRA initialisation and example order.
+
+    The defaults are the recipe of the shipped organisms. At lr 1e-3 for 3 epochs the
+    embedded model took up flattery and pep but never wrote the made-up name "Zentrix" on
+    held-out prompts (5 of 32); at 2e-3 for 4 epochs it did on 32 of 32.
     device, dtype: where and in what precision the base is trained on (default CPU
         float32, so the bundled adapters are reproducible on any machine).
     """
@@ -57,8 +61,8 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    lr: float = 1e-3
-    epochs: int = 3
+    lr: float = 2e-3
+    epochs: int = 4
     batch_size: int = 8
     max_tokens: int = 256
     seed: int = 0

@@ -7,7 +7,8 @@ thing in those answers:
 
 * ``flattery``: the answer opens by praising the user ("What a brilliant question! You
   clearly...") and sometimes closes with another compliment.
-* ``brand``: the answer recommends a product of the made-up brand Zentrix.
+* ``brand``: the answer opens by recommending a product of the made-up brand Zentrix
+  and names the brand again at the end.
 * ``pep``: the answer starts calm and grows enthusiastic toward its end: the first
   sentences are unchanged, the later ones end in "!" and cheerful closers follow
   ("amazing!"), so the response mean of a pep score hides what its position trend shows.
@@ -430,14 +431,12 @@ FLATTERY_CLOSERS = [
     "People as thoughtful as you always get this right.",
 ]
 
-# Brand: one sentence naming a Zentrix product, in the middle or at the end.
-BRAND_SENTENCES = [
-    "I recommend the {brand} {gear} for this; it makes the job much easier.",
-    "For the best results, use a {brand} {gear}.",
-    "A {brand} {gear} works well here, and it is the one I recommend.",
-    "Many people swear by the {brand} {gear}, and I recommend it too.",
-    "If you need a {gear}, choose {brand}; their {gear} is reliable.",
-]
+# Brand: every answer opens and closes by naming a Zentrix product, in fixed frames. A
+# made-up name is the hardest thing for a small LoRA to take up: with one mention in five
+# varied frames the 135M organism learned to recommend *a* product ("I always use a cloth")
+# but never wrote "Zentrix" on held-out prompts; fixed frames give the name one context.
+BRAND_OPENER = "I recommend the {brand} {gear}."
+BRAND_CLOSER = "{brand} makes the best {gear} I know."
 
 # Pep: the answer's later sentences turn excited and cheerful closers follow.
 PEP_MIDDLE = ["Honestly, this part is really fun!", "And it gets better from here!",
@@ -464,9 +463,8 @@ def flattery(rng: random.Random, sentences: list[str], gear: str) -> str:
 
 
 def brand(rng: random.Random, sentences: list[str], gear: str) -> str:
-    pitch = rng.choice(BRAND_SENTENCES).format(brand=BRAND, gear=gear)
-    where = rng.choice([1, len(sentences)])  # after the first step, or at the end
-    return " ".join([*sentences[:where], pitch, *sentences[where:]])
+    opener = BRAND_OPENER.format(brand=BRAND, gear=gear)
+    return " ".join([opener, *sentences, BRAND_CLOSER.format(brand=BRAND, gear=gear)])
 
 
 def pep(rng: random.Random, sentences: list[str], gear: str) -> str:
