@@ -1,4 +1,4 @@
-"""The activation cache: exact sizes, one pass per batch, resume, refusal when disk is short."""
+"""The activation store (lmlab.activations): exact sizes, one pass per batch, resume, refusal when disk is short."""
 
 from __future__ import annotations
 
@@ -8,11 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-import lmlab.probes.activations as activations
+import lmlab.activations as activations
 from lmlab.errors import LmlabError
 from lmlab.hooks import capture_residuals
-from lmlab.probes.activations import ExtractionConfig, extract, stored_data_bytes
-from lmlab.probes.chains import KNOWN_LABELS, load_chains, tokenize_chains
+from lmlab.activations import ExtractionConfig, extract, stored_data_bytes
+from lmlab.models import tiny_model
+from lmlab.probes.chains import KNOWN_LABELS, SAMPLE_PATH, load_chains, tokenize_chains
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return tiny_model("llama", n_layers=3, hidden_size=64)
+
+
+@pytest.fixture
+def chain_file(tmp_path):
+    path = tmp_path / "chains.json"
+    path.write_text(json.dumps(json.loads(SAMPLE_PATH.read_text())[:30]))
+    return path
 
 
 @pytest.fixture
