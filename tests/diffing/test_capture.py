@@ -22,7 +22,7 @@ from lmlab.generation import GenerationConfig
 from lmlab.hooks import capture_residuals
 from lmlab.models import ModelSpec, load_model
 
-from .conftest import fresh_lm, make_adapter, write_prompts
+from .conftest import fresh_lm, write_prompts
 
 LAYERS = (0, 2)
 

@@ -187,7 +187,6 @@ def test_organisms_come_from_a_trait_interp_variants_file(tracking, adapters, in
 
 def test_vectors_from_a_steering_run_and_a_registered_probe_join_the_traits(
         tracking, adapters, inputs, tmp_path):
-    import mlflow
     import numpy as np
     from safetensors.torch import save_file
 
@@ -220,7 +219,6 @@ def test_vectors_from_a_steering_run_and_a_registered_probe_join_the_traits(
     assert metrics["same_text/scaled/L2/file_dir/mean"] == pytest.approx(
         metrics["same_text/scaled/L2/refusal_dir/mean"])
     assert "same_text/scaled/L0/refusal_dir/mean" not in outcome.summary
-    del mlflow
 
 
 # ---------------------------------------------------------------- bad input
@@ -285,3 +283,17 @@ def test_bad_input_gets_one_clear_message_and_a_non_zero_exit(case, message, tra
     import re
 
     assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("name", ["diffing.yaml", "diffing_test.yaml"])
+def test_the_bundled_specs_validate_and_read_every_bundled_input(name):
+    from lmlab.sweeps.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "sweeps" / name)
+    family = family_for(spec)
+    assert type(family).__name__ == "DiffingFamily"
+    assert {t.name for t in family.traits} == {"flattery", "brand", "pep", "formality", "refusal",
+                                                "sadness"}
+    assert family.settings.detect_layer == 15
+    for report in family.data_reports():
+        assert report.rows_kept > 0 and not report.shortfall, report.line()

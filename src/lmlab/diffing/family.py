@@ -288,15 +288,18 @@ class DiffingFamily(Family):
         layers = list(self.settings.layers)
         key = content_key("diffing-traits", clean.identity, [t.report.digest for t in self.traits],
                           traits.context_prompt, layers, traits.methods, traits.probe_c, traits.seed)
+        names = ctx.cache.get_json("diffing-traits", key)
         stored = ctx.cache.get_tensors("diffing-traits", key)
-        if stored is None:
+        if names is None or stored is None:
             built = contrastive_vectors(clean, self.traits, layers, traits.methods,
                                         traits.probe_c, traits.seed)
-            ctx.cache.put_tensors("diffing-traits", key, {
-                f"{v.trait}|{v.method}|{v.layer}": v.vector for v in built})
+            ctx.cache.put_tensors("diffing-traits", key,
+                                  {str(i): v.vector for i, v in enumerate(built)})
+            ctx.cache.put_json("diffing-traits", key,
+                               [[v.trait, v.method, v.layer, v.source] for v in built])
         else:
-            built = [TraitVector(name.split("|")[0], name.split("|")[1], int(name.split("|")[2]),
-                                 tensor, "cache") for name, tensor in stored.items()]
+            built = [TraitVector(trait, method, int(layer), stored[str(i)], source)
+                     for i, (trait, method, layer, source) in enumerate(names)]
         vectors = built + random_controls(clean.hidden_size, layers, traits.random, traits.seed,
                                           built, traits.methods)
         vectors += [self._external(source, layers) for source in traits.vectors]
@@ -339,13 +342,12 @@ class DiffingFamily(Family):
         self._trajectories[(organism.name, prompt_set.name)] = trajectory
         metrics = self._metrics(data, shifts)
         figures = {f"trajectory_{organism.name}": plots.trajectories(
-            trajectory[(trajectory["layer"] == layer) & (trajectory["method"].isin([method]))
-                       | (trajectory["layer"] == layer) & ~trajectory["method"].isin(
-                           self.settings.traits.methods)],
-            organism.name, organism.trait, unit)}
-        files = self._write_files(data, projector, values, trajectory, clauses, layer, method, unit)
+            trajectory[trajectory["layer"] == layer], organism.name, organism.trait, unit)}
         if ctx.run_id:
-            ctx.tracker.client.log_artifacts(ctx.run_id, str(files), ARTIFACT_DIR)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = self._write_files(Path(tmp), data, projector, values, trajectory,
+                                           clauses, layer, method, unit)
+                ctx.tracker.client.log_artifacts(ctx.run_id, str(folder), ARTIFACT_DIR)
         tags = {"diff_conventions": json.dumps(CONVENTIONS), "projection_unit": report.UNIT_WORDS[unit],
                 "metric_names": "<convention>/<unit>/L<layer>/<trait>/<stat> (method "
                                 f"{method} and vectors from other families)",
@@ -379,10 +381,11 @@ class DiffingFamily(Family):
         metrics.update(pipeline.behaviour_rates(data))
         return metrics
 
-    def _write_files(self, data: pipeline.ConditionData, projector: pipeline.Projector,
-                     values: pd.DataFrame, trajectory: pd.DataFrame, clauses: pd.DataFrame,
-                     layer: int, method: str, unit: str) -> Path:
-        folder = Path(tempfile.mkdtemp(prefix="lmlab-diffing-"))
+    def _write_files(self, folder: Path, data: pipeline.ConditionData,
+                     projector: pipeline.Projector, values: pd.DataFrame,
+                     trajectory: pd.DataFrame, clauses: pd.DataFrame, layer: int, method: str,
+                     unit: str) -> Path:
+        """The condition's artifacts (under ``diffing/`` on its run)."""
         pipeline.projection_table(data, projector).to_parquet(folder / "projections.parquet",
                                                               index=False)
         values.to_parquet(folder / "responses.parquet", index=False)

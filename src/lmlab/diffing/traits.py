@@ -22,10 +22,9 @@ one layer. Projection divides by the vector's norm, so only its direction matter
 from __future__ import annotations
 
 import json
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -63,17 +62,6 @@ class TraitVector:
     @property
     def unit(self) -> torch.Tensor:
         return self.vector / self.vector.norm()
-
-
-@dataclass
-class TraitSet:
-    vectors: list[TraitVector] = field(default_factory=list)
-
-    def at(self, layer: int) -> list[TraitVector]:
-        return [v for v in self.vectors if v.layer == layer]
-
-    def names(self) -> list[tuple[str, str]]:
-        return list(dict.fromkeys((v.trait, v.method) for v in self.vectors))
 
 
 # ---------------------------------------------------------------- contrastive data
@@ -327,11 +315,3 @@ def vector_digest(vectors: Sequence[TraitVector]) -> str:
     from lmlab.cache import content_key, tensor_digest
 
     return content_key([(v.trait, v.method, v.layer, tensor_digest(v.unit)) for v in vectors])
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="lmlab-vectors-"))
-
-
-def by_layer(vectors: Sequence[TraitVector], layers: Sequence[int]) -> Mapping[int, list[TraitVector]]:
-    return {layer: [v for v in vectors if v.layer == layer] for layer in layers}
