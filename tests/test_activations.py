@@ -212,8 +212,8 @@ def test_stream_through_stores_projections_not_residuals(tiny_lm, tmp_path):
 def test_the_plan_line_gives_size_and_time_before_the_work(tiny_lm, tmp_path, capsys):
     items = _responses(2)
     extract(tiny_lm, items, "responses", ExtractionConfig((0,), "float16", 4), tmp_path,
-            tokens_per_second=10.0)
+            tokens_per_second=10.0, unit="responses")
     line = capsys.readouterr().out
     tokens = sum(i.n_tokens for i in items)
-    assert "0 of 2 items already cached" in line and f"about {tokens / 10:.0f} s" in line
+    assert "0 of 2 responses already cached" in line and f"about {tokens / 10:.0f} s" in line
     assert f"x {tiny_lm.hidden_size} width x 2 bytes" in line

@@ -300,7 +300,7 @@ def _info(lm: LoadedModel, dataset_digest: str, config: ExtractionConfig,
 
 def plan_line(directory: Path, chains: Sequence[Item], todo: Sequence[Item], lm: LoadedModel,
               config: ExtractionConfig, projection: Projection | None,
-              tokens_per_second: float) -> str:
+              tokens_per_second: float, unit: str = "items") -> str:
     """Size and time of an extraction, printed before it starts."""
     stored = sum(stored_tokens(chain) for chain in chains)
     row = _row_bytes(lm, config, projection)
@@ -309,18 +309,19 @@ def plan_line(directory: Path, chains: Sequence[Item], todo: Sequence[Item], lm:
     seconds = sum(chain.n_tokens for chain in todo) / tokens_per_second
     return (f"lmlab: activation cache {directory}: {stored} tokens x {len(config.layers)} layers x "
             f"{width} x {dtype_bytes} bytes = {stored * len(config.layers) * row / 1e6:.1f} MB "
-            f"({len(chains) - len(todo)} of {len(chains)} items already cached); about "
+            f"({len(chains) - len(todo)} of {len(chains)} {unit} already cached); about "
             f"{seconds:.0f} s for the rest at {tokens_per_second:.0f} tokens/s")
 
 
 def extract(lm: LoadedModel, chains: Sequence[Item], dataset_digest: str,
             config: ExtractionConfig, root: Path, log: bool = True,
             projection: Projection | None = None,
-            tokens_per_second: float = DEFAULT_TOKENS_PER_S,
+            tokens_per_second: float = DEFAULT_TOKENS_PER_S, unit: str = "chains",
             ) -> tuple[ActivationCache, ExtractionReport]:
     """Capture every requested layer for every item, reusing finished items and caches.
 
-    With ``projection``, each token's projection is stored instead of its residual."""
+    With ``projection``, each token's projection is stored instead of its residual.
+    ``unit`` names the items in the printed plan (the probes family's chains by default)."""
     check_layers(lm, config.layers)
     if not chains:
         raise LmlabError("no items to extract activations for")
@@ -334,7 +335,7 @@ def extract(lm: LoadedModel, chains: Sequence[Item], dataset_digest: str,
     todo = [c for c in chains if not _is_done(done.get(c.task_id), c)]
     todo_bytes = planned_bytes(todo, lm, config, projection)
     if log:
-        print(plan_line(directory, chains, todo, lm, config, projection, tokens_per_second))
+        print(plan_line(directory, chains, todo, lm, config, projection, tokens_per_second, unit))
     if reused_dir is not None:
         cache = ActivationCache(reused_dir, json.loads((reused_dir / "cache.json").read_text()), done)
         return cache, ExtractionReport(reused_dir.name, reused_dir, planned, 0, len(chains), 0,

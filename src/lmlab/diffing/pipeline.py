@@ -102,7 +102,8 @@ def _read(view: LoadedModel, items: list[CaptureItem], settings: DiffingSettings
     stream = settings.capture.store == "scores"
     print(f"diffing: {what}")
     stored, report = extract(view, items, items_digest(items), config, store_root(cache),
-                             projection=projector.transform() if stream else None)
+                             projection=projector.transform() if stream else None,
+                             unit="responses")
     by_layer = {}
     for layer in projector.layers:
         arrays = stored.layer(layer, items)
