@@ -90,7 +90,6 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("LMLAB_STORE_DIR", str(tmp_path / ".lmlab"))
-    monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path / "home-cache"))
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     yield tmp_path
     mlflow.set_tracking_uri(previous)

@@ -122,3 +122,23 @@ def test_settings_are_validated_at_the_edge(raw, message):
 def test_the_detection_layer_defaults_to_the_middle_of_the_layers():
     assert DiffingSettings.from_dict({"layers": [20, 5, 10]}).detect_layer == 10
     assert BUNDLED_DIR.is_dir()
+
+
+def test_an_adapter_whose_named_base_differs_is_refused_before_its_tensors_are_read(tmp_path):
+    from lmlab.diffing.variants import Organism, check_adapter
+
+    from .conftest import fresh_lm
+
+    other = fresh_lm(hidden_size=32)
+    other.model.config.save_pretrained(tmp_path / "other_base")
+    adapter = make_adapter(tmp_path / "adapter", 1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "other_base")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    organism = Organism("o", adapter, None, str(adapter))
+    with pytest.raises(LmlabError, match=r"was made for .*other_base.* \(hidden_size 32\), but the "
+                                         r"base model has hidden_size 64"):
+        check_adapter(organism, fresh_lm().model)
+    config["base_model_name_or_path"] = "smollm2-135m-not-here"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert "checked by tensor shapes only" in check_adapter(organism, fresh_lm().model)[0]

@@ -41,8 +41,8 @@ from lmlab.models import LoadedModel
 
 CLEAN = "clean"
 CONVENTIONS = {
-    "same_text": "organism minus clean model, both reading the organism's own tokens (per token)",
-    "own_text": "each model reading its own generation (response statistics, paired by prompt)",
+    "same_text": "organism minus clean model, both reading the organism's own tokens, token by token",
+    "own_text": "each model reading its own generation; response statistics subtracted prompt by prompt",
 }
 
 

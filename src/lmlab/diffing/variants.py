@@ -183,12 +183,19 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _config_of(name: str) -> Any | None:
-    """The config of the base an adapter says it was made for, when it is available here."""
-    if not name:
+    """The config of the base an adapter says it was made for, when it is available here
+    (lmlab's embedded model by its name, a local folder, the Hub cache)."""
+    from lmlab.models import EMBEDDED_NAME, TINY_PREFIX
+
+    if not name or name.startswith(TINY_PREFIX):
         return None
     from transformers import AutoConfig
 
     try:
+        if name == EMBEDDED_NAME:
+            from lmlab.models import embedded_model_dir
+
+            return AutoConfig.from_pretrained(embedded_model_dir())
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception:  # not a local folder nor in the Hub cache: checked by shapes only
         return None
