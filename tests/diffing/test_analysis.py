@@ -103,8 +103,23 @@ def test_a_top_trait_inside_the_random_controls_band_is_no_finding():
     assert found[0].random_upper > found[0].top.value and not found[0].detected
 
 
-def test_random_controls_outside_their_interval_are_listed():
-    table = pd.DataFrame({"organism": ["a", "a", "b"], "trait": ["random", "t", "random"],
-                          "lo_adjusted": [-0.1, 0.2, 0.05], "hi_adjusted": [0.1, 0.4, 0.2]})
-    outside = analysis.random_outside(table, ["random"])
-    assert outside[["organism", "trait"]].values.tolist() == [["b", "random"]]
+def test_the_random_control_is_pooled_over_directions():
+    # Each direction's interval excludes 0 (a consistent shift), but the directions scatter
+    # around 0, so a direction drawn at random shows nothing beyond its interval.
+    estimates = [0.02, -0.015, 0.01, -0.02, 0.005, -0.01]
+    table = pd.DataFrame({"organism": "a", "convention": "same_text", "layer": 1,
+                          "method": "mean_diff", "stat": "mean",
+                          "trait": ["random"] + [f"random_{k}" for k in range(2, 7)],
+                          "estimate_adjusted": estimates,
+                          "lo_adjusted": [e - 0.004 for e in estimates],
+                          "hi_adjusted": [e + 0.004 for e in estimates]})
+    table = pd.concat([table, table.assign(trait="flattery", estimate_adjusted=0.5)])
+    pooled = analysis.random_pooled(table, ["random"] + [f"random_{k}" for k in range(2, 7)],
+                                    300, 0)
+    row = pooled.iloc[0]
+    assert row["directions"] == 6 and row["lo"] < 0 < row["hi"]
+    assert row["largest_hi"] == pytest.approx(0.024) and row["largest_abs"] == pytest.approx(0.02)
+    assert analysis.outside_zero(pooled).empty
+    shifted = table.assign(estimate_adjusted=table["estimate_adjusted"] + 0.1)
+    assert len(analysis.outside_zero(analysis.random_pooled(shifted, ["random"], 300, 0))) == 1
+    assert analysis.is_random("random_12") and not analysis.is_random("random_walk")

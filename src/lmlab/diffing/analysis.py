@@ -183,7 +183,35 @@ def detection_table(found: Sequence[Finding]) -> pd.DataFrame:
         "detected": f.detected} for f in found])
 
 
-def random_outside(table: pd.DataFrame, random_names: Sequence[str]) -> pd.DataFrame:
-    """Rows where a random control's shared-shift-removed interval excludes 0."""
-    rows = table[table["trait"].isin(random_names)]
-    return rows[(rows["lo_adjusted"] > 0) | (rows["hi_adjusted"] < 0)]
+def random_pooled(table: pd.DataFrame, random_names: Sequence[str], n_resamples: int,
+                  seed: int) -> pd.DataFrame:
+    """The random control as one trait: a direction drawn at random.
+
+    A fine-tune moves the residual stream by a consistent vector, so its projection on any
+    one fixed direction is consistently non-zero and that direction's interval over
+    responses may well exclude 0. What a random direction shows is therefore estimated
+    over directions: per (organism, convention, layer, method, statistic), the mean of the
+    directions' shared-shift-removed estimates with a bootstrap interval over directions,
+    beside the largest single-direction upper bound (the band a finding must clear)."""
+    rows = []
+    keys = ["organism", "convention", "layer", "method", "stat"]
+    chosen = table[table["trait"].isin(random_names)]
+    for group, frame in chosen.groupby(keys, sort=True):
+        estimate = mean_with_interval(frame["estimate_adjusted"].to_numpy(),
+                                      n_resamples=n_resamples, seed=seed)
+        rows.append({**dict(zip(keys, group)), "estimate": estimate.value, "lo": estimate.lower,
+                     "hi": estimate.upper, "directions": estimate.n,
+                     "largest_hi": float(frame["hi_adjusted"].max()),
+                     "largest_abs": float(frame["estimate_adjusted"].abs().max())})
+    return pd.DataFrame(rows, columns=[*keys, "estimate", "lo", "hi", "directions",
+                                       "largest_hi", "largest_abs"])
+
+
+def outside_zero(pooled: pd.DataFrame) -> pd.DataFrame:
+    """Rows of :func:`random_pooled` whose interval excludes 0."""
+    return pooled[(pooled["lo"] > 0) | (pooled["hi"] < 0)]
+
+
+def is_random(trait: str) -> bool:
+    """The random controls are named ``random`` and ``random_<k>``."""
+    return re.fullmatch(r"random(_\d+)?", str(trait)) is not None

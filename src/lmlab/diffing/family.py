@@ -88,9 +88,9 @@ class DiffingFamily(Family):
         names = list(traits.names) if traits.names is not None else available_traits(root)
         if not names and not traits.vectors:
             raise LmlabError(f"no traits: {root} holds no trait data and no vectors are given")
-        if RANDOM in names:
-            raise LmlabError(f"{RANDOM!r} is the name of the random control trait; rename that "
-                             "trait")
+        if any(analysis.is_random(name) for name in names):
+            raise LmlabError(f"{RANDOM!r} and {RANDOM}_<k> name the random control traits; "
+                             "rename that trait")
         return [load_trait(root, name, traits.context_prompt) for name in names]
 
     @cached_property
@@ -341,8 +341,11 @@ class DiffingFamily(Family):
         self._values[(organism.name, prompt_set.name)] = values
         self._trajectories[(organism.name, prompt_set.name)] = trajectory
         metrics = self._metrics(data, shifts)
-        figures = {f"trajectory_{organism.name}": plots.trajectories(
-            trajectory[trajectory["layer"] == layer], organism.name, organism.trait, unit)}
+        shown = trajectory[(trajectory["layer"] == layer)
+                           & (~trajectory["trait"].map(analysis.is_random)
+                              | (trajectory["trait"] == RANDOM))]
+        figures = {f"trajectory_{organism.name}": plots.trajectories(shown, organism.name,
+                                                                      organism.trait, unit)}
         if ctx.run_id:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = self._write_files(Path(tmp), data, projector, values, trajectory,
@@ -374,7 +377,8 @@ class DiffingFamily(Family):
                                                      / max(len(responses), 1))
         for layer, norm in data.residual_norm.items():
             metrics[f"residual_norm/L{layer}"] = norm
-        chosen = shifts[shifts["method"].isin(self._ranked_methods())]
+        chosen = shifts[shifts["method"].isin(self._ranked_methods())
+                        & (~shifts["trait"].map(analysis.is_random) | (shifts["trait"] == RANDOM))]
         for row in chosen.itertuples():
             name = f"{row.convention}/{unit}/L{row.layer}/{row.trait}/{row.stat}"
             metrics.update({name: row.estimate, f"{name}_lo": row.lo, f"{name}_hi": row.hi})
@@ -456,7 +460,7 @@ class DiffingFamily(Family):
         planted = {name: self.organisms[name].trait if name in self.organisms else None
                    for name in dict.fromkeys(values["organism"])}
         controls = [n for n in planted if n in self.organisms and self.organisms[n].control]
-        randoms = sorted({t for t in values["trait"] if str(t).startswith(RANDOM)})
+        randoms = sorted({t for t in values["trait"] if analysis.is_random(t)})
         layer, method, convention = self.settings.detect_layer, settings.detect_method, \
             settings.detect_convention
         found = analysis.findings(ranked, planted, convention, layer, method,
@@ -464,10 +468,11 @@ class DiffingFamily(Family):
         detection = analysis.detection_table(found)
         cell = ranked[(ranked["convention"] == convention) & (ranked["layer"] == layer)
                       & (ranked["method"] == method)]
-        random_rows = analysis.random_outside(cell, randoms)
+        pooled = analysis.random_pooled(cell, randoms, settings.bootstrap, settings.seed)
+        random_rows = analysis.outside_zero(pooled)
         behaviour = self._behaviour_table(summary)
         text = report.summary_markdown(found, planted, controls, settings.detect_stats,
-                                       convention, layer, method, settings.unit, random_rows,
+                                       convention, layer, method, settings.unit, pooled,
                                        cell["trait"].nunique(), behaviour)
         ctx.tracker.log_text(ctx.tracker.parent_run_id, text, "summary.md")
         known = [o for o, t in planted.items() if t]
@@ -475,10 +480,14 @@ class DiffingFamily(Family):
         metrics = {"detected": float(len(detected)), "organisms_with_planted_trait": float(len(known)),
                    "control_false_detections": float(sum(f.found for f in found
                                                          if f.organism in controls)),
-                   "random_intervals_excluding_0": float(len(random_rows))}
+                   "random_intervals_excluding_0": float(len(random_rows)),
+                   "random_directions": float(len(randoms)),
+                   "random_largest_shift": float(pooled["largest_abs"].max())
+                   if not pooled.empty else float("nan")}
         figures = {}
+        shown = cell[~cell["trait"].map(analysis.is_random) | (cell["trait"] == RANDOM)]
         for stat in ("mean", "trend"):
-            rows = cell[cell["stat"] == stat]
+            rows = shown[shown["stat"] == stat]
             for kind in ("adjusted", "raw"):
                 label = "shared shift removed" if kind == "adjusted" else "raw (shared shift kept)"
                 figures[f"heatmap_{stat}_{kind}"] = plots.shift_heatmap(
@@ -486,7 +495,9 @@ class DiffingFamily(Family):
                                 f"{method}: {label}")
         for (organism, prompt_set), rows in trajectories[
                 (trajectories["layer"] == layer)
-                & trajectories["method"].isin(methods)].groupby(
+                & trajectories["method"].isin(methods)
+                & (~trajectories["trait"].map(analysis.is_random)
+                   | (trajectories["trait"] == RANDOM))].groupby(
                     ["organism", "prompt_set"]):
             figures[f"trajectory_{organism}_{prompt_set}"] = plots.trajectories(
                 rows, f"{organism} ({prompt_set})", planted.get(organism), settings.unit)
@@ -494,7 +505,8 @@ class DiffingFamily(Family):
                 "ranking": f"{convention}, layer {layer}, {method}, {settings.unit}"}
         return ConditionResult(metrics=metrics, figures=figures, tags=tags,
                                tables={"blind_detection": detection,
-                                       "shift_ranking": cell.reset_index(drop=True)})
+                                       "shift_ranking": cell.reset_index(drop=True),
+                                       "random_control": pooled})
 
     def _behaviour_table(self, summary: pd.DataFrame) -> pd.DataFrame | None:
         columns = [c for c in summary.columns if c.startswith("behaviour/")

@@ -60,7 +60,7 @@ def _fmt(value: float) -> str:
 
 def summary_markdown(found: Sequence[Finding], planted: Mapping[str, str | None],
                      controls: Sequence[str], stats: Sequence[str], convention: str, layer: int,
-                     method: str, unit: str, random_rows: pd.DataFrame, n_traits: int,
+                     method: str, unit: str, random: pd.DataFrame, n_traits: int,
                      behaviour: pd.DataFrame | None = None) -> str:
     """What was and was not found, and why, in words."""
     known = [o for o, t in planted.items() if t]
@@ -72,7 +72,7 @@ def summary_markdown(found: Sequence[Finding], planted: Mapping[str, str | None]
              f"{n_traits} traits compete, the random controls among them. Intervals: 95% "
              "bootstrap over responses.", "",
              "A **finding** for an organism under a statistic is its top-ranked trait when that "
-             "trait's interval lies above 0 and its shift above every random control's upper "
+             "trait's interval lies above 0 and its shift above every random direction's upper "
              "bound. A planted trait is **detected** when it is the finding under at least one "
              f"statistic of: {', '.join(f'`{s}`' for s in stats)}.", "",
              f"**Detected {len(detected)} of {len(known)}** organisms with a planted trait"
@@ -107,17 +107,28 @@ def summary_markdown(found: Sequence[Finding], planted: Mapping[str, str | None]
         lines.append(f"- `{organism}` (no planted trait given): " + (
             "; ".join(f"`{f.top_trait}` by {f.stat} ({_fmt(f.top.value)})" for f in hits)
             if hits else "nothing beyond the intervals") + ".")
-    if random_rows.empty:
-        lines.append("- random control traits: every interval includes 0 (nothing beyond the "
-                     "intervals).")
-    else:
-        lines.append(f"- random control traits: {len(random_rows)} interval(s) exclude 0: " + "; ".join(
-            f"{r.organism}/{r.trait} {r.stat} ({_fmt(r.estimate_adjusted)})"
-            for r in random_rows.head(8).itertuples()) + ".")
+    lines.append(_random_line(random))
     if behaviour is not None and not behaviour.empty:
         lines += ["", "Behaviour check (share of responses showing each quirk, organism vs clean "
                   "model, 95% Wilson intervals):", "", markdown_table(behaviour)]
     return "\n".join(lines) + "\n"
+
+
+def _random_line(random: pd.DataFrame) -> str:
+    if random.empty:
+        return "- random control: none in the ranking."
+    outside = random[(random["lo"] > 0) | (random["hi"] < 0)]
+    directions = int(random["directions"].max())
+    band = (f"single directions move by up to {_fmt(float(random['largest_abs'].max()))} (a "
+            "consistent shift projects on any fixed direction), which is the band a finding "
+            "must clear")
+    if outside.empty:
+        return (f"- random control ({directions} directions): pooled over directions, every "
+                f"interval includes 0 (nothing beyond the intervals); {band}.")
+    return (f"- random control ({directions} directions): {len(outside)} pooled interval(s) "
+            "exclude 0: " + "; ".join(f"{r.organism} {r.stat} ({_fmt(r.estimate)} "
+                                      f"[{_fmt(r.lo)}, {_fmt(r.hi)}])"
+                                      for r in outside.head(8).itertuples()) + f"; {band}.")
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

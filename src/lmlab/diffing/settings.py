@@ -56,7 +56,9 @@ class TraitSettings:
     methods: how a contrastive trait becomes a vector per layer: ``mean_diff`` (mean
         positive minus mean negative residual over the example's tokens) and/or ``probe``
         (a logistic regression on those means).
-    random: random vectors of matched norm added as control traits.
+    random: random vectors of matched norm added as control traits (``random``,
+        ``random_2``...): a finding must clear every one of them, and the random control's
+        own shift is estimated over these directions.
     context_prompt: the user turn a ``.txt`` example answers (examples are read as the
         assistant's reply through the chat template, as responses are).
     probe_c: inverse L2 strength of the probe method (sklearn's C).
@@ -66,7 +68,7 @@ class TraitSettings:
     data: str = BUNDLED
     names: tuple[str, ...] | None = None
     methods: tuple[str, ...] = ("mean_diff", "probe")
-    random: int = 1
+    random: int = 16
     context_prompt: str = "Can you give me a short tip?"
     probe_c: float = 1.0
     seed: int = 0
