@@ -26,7 +26,7 @@ from lmlab.data.report import DataReport
 from lmlab.identity import path_digest, strip_operational
 from lmlab.errors import LmlabError
 from lmlab.probes import plots
-from lmlab.probes.activations import ActivationCache, ExtractionConfig, extract
+from lmlab.activations import ActivationCache, ExtractionConfig, extract
 from lmlab.probes.chains import SAMPLE_PATH, ChainsConfig, ChainSet, TokenizedChain, load_chains, \
     problem_key, scan_chains, tokenize_chains
 from lmlab.probes.registry import (CHAMPION, artifact_name, existing_version, log_probe,

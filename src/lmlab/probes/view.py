@@ -13,6 +13,7 @@ import torch
 from lmlab.errors import LmlabError
 from lmlab.hooks import capture_residuals
 from lmlab.models import LoadedModel
+from lmlab.shading import probability_colour, shaded_spans
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,12 @@ def score_text(lm: LoadedModel, model: Any, text: str, problem: str) -> ScoredTe
     return ScoredText(pieces, scores, meta)
 
 
-def _colour(score: float) -> str:
-    # White at 0 to saturated red at 1: alpha carries the score.
-    return f"rgba(220, 40, 40, {min(max(score, 0.0), 1.0):.3f})"
-
-
 def render_html(scored: ScoredText, title: str) -> str:
     meta = scored.metadata
     lag = int(meta["lag"])
-    spans = []
-    for piece, score in zip(scored.pieces, scored.scores):
-        border = "border-bottom:2px solid black;" if score >= scored.threshold else ""
-        spans.append(f'<span title="p={score:.3f}" style="background:{_colour(float(score))};'
-                     f'{border}">{html.escape(piece)}</span>')
+    spans = shaded_spans(scored.pieces, scored.scores, probability_colour,
+                         title=lambda score: f"p={score:.3f}",
+                         underline=lambda score: score >= scored.threshold)
     where = "this token" if lag == 0 else (f"the token {lag} ahead" if lag > 0
                                            else f"the token {-lag} back")
     return (
@@ -86,4 +80,4 @@ def render_html(scored: ScoredText, title: str) -> str:
         f"{html.escape(str(meta['label']))}. Underlined: at or above the chosen threshold "
         f"{scored.threshold:.3f}. Hover for values.</p>"
         "<div style='white-space:pre-wrap;line-height:1.7;font-family:monospace'>"
-        + "".join(spans) + "</div></body></html>")
+        + spans + "</div></body></html>")

@@ -156,7 +156,8 @@ def family_for(spec: SweepSpec) -> Family:
 def _import_families() -> None:
     import importlib
 
-    for module in ("lmlab.steering.family", "lmlab.probes.family", "lmlab.context.family"):
+    for module in ("lmlab.steering.family", "lmlab.probes.family", "lmlab.context.family",
+                   "lmlab.diffing.family"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

@@ -1,4 +1,4 @@
-"""The activation cache: exact sizes, one pass per batch, resume, refusal when disk is short."""
+"""The activation store (lmlab.activations): exact sizes, one pass per batch, resume, refusal when disk is short."""
 
 from __future__ import annotations
 
@@ -8,11 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-import lmlab.probes.activations as activations
+import lmlab.activations as activations
 from lmlab.errors import LmlabError
 from lmlab.hooks import capture_residuals
-from lmlab.probes.activations import ExtractionConfig, extract, stored_data_bytes
-from lmlab.probes.chains import KNOWN_LABELS, load_chains, tokenize_chains
+from lmlab.activations import ExtractionConfig, extract, stored_data_bytes
+from lmlab.models import tiny_model
+from lmlab.probes.chains import KNOWN_LABELS, SAMPLE_PATH, load_chains, tokenize_chains
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return tiny_model("llama", n_layers=3, hidden_size=64)
+
+
+@pytest.fixture
+def chain_file(tmp_path):
+    path = tmp_path / "chains.json"
+    path.write_text(json.dumps(json.loads(SAMPLE_PATH.read_text())[:30]))
+    return path
 
 
 @pytest.fixture
@@ -134,3 +147,73 @@ def test_layers_outside_the_model_are_refused(tiny_lm, tokens, tmp_path):
     digest, chains = tokens
     with pytest.raises(LmlabError, match="outside the model"):
         extract(tiny_lm, chains, digest, ExtractionConfig((7,)), tmp_path, log=False)
+
+
+# ---------------------------------------------------------------- items of any family
+
+
+class _Response:
+    """A diffing-style item: prompt + response ids, only the response stored."""
+
+    def __init__(self, task_id: str, ids: list[int], start: int) -> None:
+        self.task_id, self.input_ids, self.store_from = task_id, np.asarray(ids), start
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.size)
+
+    @property
+    def ids_hash(self) -> str:
+        return activations.ids_hash(self.input_ids)
+
+
+def _responses(n: int = 5) -> list[_Response]:
+    rng = np.random.default_rng(0)
+    return [_Response(f"r{i}", rng.integers(3, 300, 6 + 3 * i).tolist(), 2 + i) for i in range(n)]
+
+
+def test_response_only_items_store_exactly_their_response_tokens(tiny_lm, tmp_path):
+    items = _responses()
+    config = ExtractionConfig((0, 2), "bfloat16", 2)
+    cache, report = extract(tiny_lm, items, "responses", config, tmp_path, log=False)
+    stored = sum(stored_data_bytes(p) for p in (cache.directory / "shards").glob("*.safetensors"))
+    kept = sum(item.n_tokens - item.store_from for item in items)
+    assert stored == kept * len(config.layers) * tiny_lm.hidden_size * 2 == report.planned_bytes
+    first = items[1]
+    ids = torch.as_tensor(first.input_ids)[None]
+    alone = capture_residuals(tiny_lm, ids, torch.ones_like(ids), [2])[2][0, first.store_from:]
+    got = cache.layer(2, [first])[0]
+    assert got.shape == (first.n_tokens - first.store_from, tiny_lm.hidden_size)
+    np.testing.assert_allclose(got, alone.float().numpy(), atol=3e-2, rtol=2e-2)
+
+
+class _FirstTwoCoordinates:
+    key = "first-two"
+    n_outputs = 2
+
+    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[:, :2] * (layer + 1)
+
+
+def test_stream_through_stores_projections_not_residuals(tiny_lm, tmp_path):
+    items = _responses(3)
+    config = ExtractionConfig((1,), "float16", 4)
+    raw, _ = extract(tiny_lm, items, "responses", config, tmp_path, log=False)
+    projected, report = extract(tiny_lm, items, "responses", config, tmp_path, log=False,
+                                projection=_FirstTwoCoordinates())
+    assert projected.directory != raw.directory and projected.info["projection"] == "first-two"
+    stored = sum(stored_data_bytes(p) for p in (projected.directory / "shards").glob("*"))
+    assert stored == sum(i.n_tokens - i.store_from for i in items) * 2 * 4 == report.planned_bytes
+    for scores, residual in zip(projected.layer(1, items), raw.layer(1, items)):
+        assert scores.shape == (residual.shape[0], 2)
+        np.testing.assert_allclose(scores, residual[:, :2] * 2, atol=3e-2, rtol=2e-2)
+
+
+def test_the_plan_line_gives_size_and_time_before_the_work(tiny_lm, tmp_path, capsys):
+    items = _responses(2)
+    extract(tiny_lm, items, "responses", ExtractionConfig((0,), "float16", 4), tmp_path,
+            tokens_per_second=10.0, unit="responses")
+    line = capsys.readouterr().out
+    tokens = sum(i.n_tokens for i in items)
+    assert "0 of 2 responses already cached" in line and f"about {tokens / 10:.0f} s" in line
+    assert f"x {tiny_lm.hidden_size} width x 2 bytes" in line
