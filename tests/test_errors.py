@@ -125,11 +125,11 @@ ROWS: list[Row] = [
     Row("spec", f"{TMP}/spec.yaml: not UTF-8 text (byte 0xff at offset 8)", base=None,
         files={"spec.yaml": b"family: \xffsteering\n"}, args=("--spec", f"{TMP}/spec.yaml"),
         shown="a spec file that is not UTF-8"),
-    Row("spec", f"{TMP}/spec.yaml: 'family' is required: one of context, probes, steering",
+    Row("spec", f"{TMP}/spec.yaml: 'family' is required: one of context, diffing, probes, steering",
         changes={"family": DROP}),
     Row("spec", f"{TMP}/spec.yaml: unknown family 'steerin'; did you mean 'steering'?",
         changes={"family": "steerin"}),
-    Row("spec", f"{TMP}/spec.yaml: unknown family 'vision'; known: context, probes, steering",
+    Row("spec", f"{TMP}/spec.yaml: unknown family 'vision'; known: context, diffing, probes, steering",
         changes={"family": "vision"}),
     Row("spec", f"{TMP}/spec.yaml: unknown key 'colour'; known: description, family, grid, model, "
         "name, runtime, search, steering, storage, test_mode", changes={"colour": "blue"}),

@@ -158,13 +158,16 @@ def forward_log(lm: LoadedModel) -> Iterator[list[Pass]]:
     """Records every forward pass of the model."""
     log: list[Pass] = []
     blocks = decoder_layers(lm.model)
+    # transformers keeps hooks of its own on the blocks once output_hidden_states was asked
+    # for (its output recorder): an edit is a hook beyond those present at the start.
+    resident = [len(b._forward_hooks) for b in blocks]
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         offset = int(cache.get_seq_length()) if cache is not None else 0
         log.append(Pass(offset, int(ids.shape[0]), int(ids.shape[1]),
-                        any(len(b._forward_hooks) for b in blocks)))
+                        any(len(b._forward_hooks) > n for b, n in zip(blocks, resident))))
 
     handle = decoder_backbone(lm.model).register_forward_pre_hook(record, with_kwargs=True)
     try:

@@ -122,7 +122,7 @@ def organism_adapter(quirk: str, base: ModelSpec, cache_dir: Path | None = None,
     ``base`` (a ModelSpec): the shipped one, a cached one, or one trained now and cached.
     Concurrent callers wait for one training instead of repeating it."""
     from lmlab.diffing.train import TrainConfig
-    from lmlab.sweeps.locks import ConditionLock
+    from filelock import FileLock, Timeout
 
     config = config or TrainConfig()
     name, data = resolve_data(quirk)
@@ -131,24 +131,23 @@ def organism_adapter(quirk: str, base: ModelSpec, cache_dir: Path | None = None,
     found = find_adapter(name, key, cache_dir)
     if found:
         return found[0]
-    lock = ConditionLock(cache_dir / ".locks", key)
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not lock.acquire():
-        if time.monotonic() > deadline:
-            raise LmlabError(f"gave up waiting for another process training organism {name} "
-                             f"({lock.path}); remove the lock file if no process holds it")
-        time.sleep(2)
+    lock_path = cache_dir / ".locks" / f"{key}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    # An OS lock (flock): released by the kernel when its holder dies, so a killed training
+    # never blocks the next one.
     try:
-        found = find_adapter(name, key, cache_dir)
-        if found:
-            return found[0]
-        if name in QUIRKS and read_manifest(SHIPPED_DIR / name):
-            print(f"note: the shipped {name} adapter was made from another base, dataset or "
-                  f"recipe; training one for this setup into {cache_dir}")
-        build_organism(name, data, base, config, cache_dir / key, on_step)
-        return cache_dir / key
-    finally:
-        lock.release()
+        with FileLock(lock_path, timeout=WAIT_SECONDS):
+            found = find_adapter(name, key, cache_dir)
+            if found:
+                return found[0]
+            if name in QUIRKS and read_manifest(SHIPPED_DIR / name):
+                print(f"note: the shipped {name} adapter was made from another base, dataset or "
+                      f"recipe; training one for this setup into {cache_dir}")
+            build_organism(name, data, base, config, cache_dir / key, on_step)
+            return cache_dir / key
+    except Timeout:
+        raise LmlabError(f"gave up after {WAIT_SECONDS} s waiting for another process training "
+                         f"organism {name} ({lock_path})") from None
 
 
 def build_organism(name: str, data: Path, base: ModelSpec, config: TrainConfig, out_dir: Path,
