@@ -123,3 +123,31 @@ def test_the_random_control_is_pooled_over_directions():
     shifted = table.assign(estimate_adjusted=table["estimate_adjusted"] + 0.1)
     assert len(analysis.outside_zero(analysis.random_pooled(shifted, ["random"], 300, 0))) == 1
     assert analysis.is_random("random_12") and not analysis.is_random("random_walk")
+
+
+def test_a_finding_needs_its_whole_interval_above_the_random_band():
+    # The point estimate clears the band, its interval does not: no finding.
+    rng = np.random.default_rng(3)
+    shifts = {("o", "t", "mean"): 0.35 + np.tile([1.0, -1.0], 15),  # mean 0.35, sd 1
+              ("o", "random", "mean"): 0.20 + rng.normal(0, 0.01, 30),
+              ("p", "t", "mean"): -0.30 + rng.normal(0, 0.01, 30),
+              ("p", "random", "mean"): -0.20 + rng.normal(0, 0.01, 30)}
+    table = analysis.ranked(_values(shifts), n_resamples=300, seed=0)
+    found = analysis.findings(table, {"o": "t"}, "same_text", 1, "mean_diff", ["mean"], ["random"])
+    assert found[0].top_trait == "t" and found[0].top.value > found[0].random_upper
+    assert found[0].top.lower < found[0].random_upper and not found[0].detected
+
+
+def test_random_pooled_values_of_extreme_statistics_are_a_band_not_a_test():
+    # An organism whose shifts vary more has larger maxima along any direction: a pooled
+    # max_token that excludes 0 is expected and is not counted; a pooled mean is.
+    estimates = [0.02, 0.021, 0.019, 0.022, 0.018, 0.02]
+    names = ["random"] + [f"random_{k}" for k in range(2, 7)]
+    base = pd.DataFrame({"organism": "a", "convention": "same_text", "layer": 1,
+                         "method": "mean_diff", "trait": names, "estimate_adjusted": estimates,
+                         "lo_adjusted": [e - 0.004 for e in estimates],
+                         "hi_adjusted": [e + 0.004 for e in estimates]})
+    extreme = analysis.random_pooled(base.assign(stat="max_token"), names, 300, 0)
+    linear = analysis.random_pooled(base.assign(stat="mean"), names, 300, 0)
+    assert extreme.iloc[0]["lo"] > 0 and analysis.outside_zero(extreme).empty
+    assert len(analysis.outside_zero(linear)) == 1

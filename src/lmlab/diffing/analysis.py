@@ -134,7 +134,7 @@ class Finding:
     planted_rank: float
     planted_estimate: Estimate | None
     random_upper: float
-    found: bool  # the top trait is a finding: interval above 0 and above random's upper bound
+    found: bool  # the top trait is a finding: its whole interval above 0 and above the band
 
     @property
     def detected(self) -> bool:
@@ -159,8 +159,11 @@ def findings(table: pd.DataFrame, planted: Mapping[str, str | None], convention:
             random_upper = float(randoms["hi_adjusted"].max()) if not randoms.empty else -math.inf
             top_estimate = Estimate(float(top["estimate_adjusted"]), float(top["lo_adjusted"]),
                                     float(top["hi_adjusted"]), int(top["n"]))
+            # The whole interval must clear the random band, not only the point estimate:
+            # with 20+ traits and 5 statistics, a point just above the band is expected by
+            # chance (the control organism showed one at layer 15 on the embedded model).
             found = (top["trait"] not in random_names and top_estimate.lower > 0
-                     and top_estimate.value > random_upper)
+                     and top_estimate.lower > random_upper)
             mine = rows[rows["trait"] == trait] if trait else rows.iloc[0:0]
             planted_estimate = None if mine.empty else Estimate(
                 float(mine["estimate_adjusted"].iloc[0]), float(mine["lo_adjusted"].iloc[0]),
@@ -207,9 +210,18 @@ def random_pooled(table: pd.DataFrame, random_names: Sequence[str], n_resamples:
                                        "largest_hi", "largest_abs"])
 
 
+# Statistics linear in the per-token shift: their mean over random directions is 0 in
+# expectation. Extreme ones (max_token, top3_mean, top_clause) are not: after shared-shift
+# removal an organism whose shifts vary more has larger maxima along any direction, so their
+# pooled random values are biased (positive for a strong organism, negative for a weak one)
+# and are read only as the band a finding must clear.
+LINEAR_STATS = ("mean", "trend")
+
+
 def outside_zero(pooled: pd.DataFrame) -> pd.DataFrame:
-    """Rows of :func:`random_pooled` whose interval excludes 0."""
-    return pooled[(pooled["lo"] > 0) | (pooled["hi"] < 0)]
+    """Rows of :func:`random_pooled` for a linear statistic whose interval excludes 0."""
+    linear = pooled[pooled["stat"].isin(LINEAR_STATS)]
+    return linear[(linear["lo"] > 0) | (linear["hi"] < 0)]
 
 
 def is_random(trait: str) -> bool:

@@ -465,6 +465,9 @@ class DiffingFamily(Family):
             settings.detect_convention
         found = analysis.findings(ranked, planted, convention, layer, method,
                                   settings.detect_stats, randoms)
+        other = next(c for c in ("same_text", "own_text") if c != convention)
+        other_found = analysis.findings(ranked, planted, other, layer, method,
+                                        settings.detect_stats, randoms)
         detection = analysis.detection_table(found)
         cell = ranked[(ranked["convention"] == convention) & (ranked["layer"] == layer)
                       & (ranked["method"] == method)]
@@ -473,7 +476,8 @@ class DiffingFamily(Family):
         behaviour = self._behaviour_table(summary)
         text = report.summary_markdown(found, planted, controls, settings.detect_stats,
                                        convention, layer, method, settings.unit, pooled,
-                                       cell["trait"].nunique(), behaviour)
+                                       cell["trait"].nunique(), behaviour,
+                                       cross_check=(other, other_found) if other_found else None)
         ctx.tracker.log_text(ctx.tracker.parent_run_id, text, "summary.md")
         known = [o for o, t in planted.items() if t]
         detected = {f.organism for f in found if f.detected}
@@ -481,6 +485,9 @@ class DiffingFamily(Family):
                    "control_false_detections": float(sum(f.found for f in found
                                                          if f.organism in controls)),
                    "random_intervals_excluding_0": float(len(random_rows)),
+                   f"detected_{other}": float(len({f.organism for f in other_found if f.detected})),
+                   f"control_false_detections_{other}": float(sum(
+                       f.found for f in other_found if f.organism in controls)),
                    "random_directions": float(len(randoms)),
                    "random_largest_shift": float(pooled["largest_abs"].max())
                    if not pooled.empty else float("nan")}

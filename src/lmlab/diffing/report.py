@@ -61,8 +61,10 @@ def _fmt(value: float) -> str:
 def summary_markdown(found: Sequence[Finding], planted: Mapping[str, str | None],
                      controls: Sequence[str], stats: Sequence[str], convention: str, layer: int,
                      method: str, unit: str, random: pd.DataFrame, n_traits: int,
-                     behaviour: pd.DataFrame | None = None) -> str:
-    """What was and was not found, and why, in words."""
+                     behaviour: pd.DataFrame | None = None,
+                     cross_check: tuple[str, Sequence[Finding]] | None = None) -> str:
+    """What was and was not found, and why, in words. ``cross_check`` is the other diff
+    convention's findings, reported beside the ranking's (never instead of it)."""
     known = [o for o, t in planted.items() if t]
     detected = sorted({f.organism for f in found if f.detected})
     lines = ["# Model diffing: blind detection", "",
@@ -72,7 +74,7 @@ def summary_markdown(found: Sequence[Finding], planted: Mapping[str, str | None]
              f"{n_traits} traits compete, the random controls among them. Intervals: 95% "
              "bootstrap over responses.", "",
              "A **finding** for an organism under a statistic is its top-ranked trait when that "
-             "trait's interval lies above 0 and its shift above every random direction's upper "
+             "trait's whole interval lies above 0 and above every random direction's upper "
              "bound. A planted trait is **detected** when it is the finding under at least one "
              f"statistic of: {', '.join(f'`{s}`' for s in stats)}.", "",
              f"**Detected {len(detected)} of {len(known)}** organisms with a planted trait"
@@ -92,6 +94,8 @@ def summary_markdown(found: Sequence[Finding], planted: Mapping[str, str | None]
                 lines.append(f"  - the response mean misses it; `{f.stat}` finds it "
                              f"({_fmt(f.top.value)} [{_fmt(f.top.lower)}, {_fmt(f.top.upper)}]).")
                 break
+    if cross_check is not None:
+        lines += _cross_check_lines(convention, known, planted, found, controls, *cross_check)
     lines.append("")
     for control in controls:
         false = [f for f in found if f.organism == control and f.found]
@@ -114,17 +118,46 @@ def summary_markdown(found: Sequence[Finding], planted: Mapping[str, str | None]
     return "\n".join(lines) + "\n"
 
 
+def _cross_check_lines(convention: str, known: Sequence[str], planted: Mapping[str, str | None],
+                       found: Sequence[Finding], controls: Sequence[str], other: str,
+                       other_found: Sequence[Finding]) -> list[str]:
+    """The same detection under the other convention, and what a difference between the
+    two means: ``same_text`` sees how the organism represents the same tokens differently,
+    ``own_text`` adds what it chose to write."""
+    mine = {f.organism for f in found if f.detected}
+    theirs = sorted({f.organism for f in other_found if f.detected})
+    false = sorted({f.organism for f in other_found if f.organism in controls and f.found})
+    lines = ["", f"Cross-check under `{other}` ({CONVENTIONS[other]}): detected {len(theirs)} of "
+             f"{len(known)}" + (f" ({', '.join(theirs)})" if theirs else "")
+             + (f"; control false detections: {', '.join(false)}." if false else
+                "; no control false detection.")]
+    for organism in known:
+        if organism in theirs and organism not in mine:
+            lines.append(f"- `{organism}`: `{planted[organism]}` is found under `{other}` but not "
+                         f"under `{convention}`" + (
+                             ": the organism writes differently (its own text carries the trait), "
+                             "but reading the same tokens it represents them much as the clean "
+                             "model does." if other == "own_text" else
+                             ": reading the same tokens the organism represents the trait "
+                             "differently, though its own text does not show it."))
+    return lines
+
+
 def _random_line(random: pd.DataFrame) -> str:
+    from lmlab.diffing.analysis import LINEAR_STATS, outside_zero
+
     if random.empty:
         return "- random control: none in the ranking."
-    outside = random[(random["lo"] > 0) | (random["hi"] < 0)]
+    outside = outside_zero(random)
     directions = int(random["directions"].max())
     band = (f"single directions move by up to {_fmt(float(random['largest_abs'].max()))} (a "
             "consistent shift projects on any fixed direction), which is the band a finding "
             "must clear")
     if outside.empty:
         return (f"- random control ({directions} directions): pooled over directions, every "
-                f"interval includes 0 (nothing beyond the intervals); {band}.")
+                f"interval of {' and '.join(LINEAR_STATS)} includes 0 (nothing beyond the "
+                f"intervals; the extreme statistics are biased by design and serve only as the "
+                f"band); {band}.")
     return (f"- random control ({directions} directions): {len(outside)} pooled interval(s) "
             "exclude 0: " + "; ".join(f"{r.organism} {r.stat} ({_fmt(r.estimate)} "
                                       f"[{_fmt(r.lo)}, {_fmt(r.hi)}])"
@@ -150,5 +183,5 @@ def _why(f: Finding) -> str:
     if f.planted_rank == 1 and not est.lower > 0:
         return where + " (interval includes 0)"
     if f.planted_rank == 1:
-        return where + f" (not above the random control's upper bound {_fmt(f.random_upper)})"
+        return where + f" (its interval does not clear the random band {_fmt(f.random_upper)})"
     return where + f" (top: {f.top_trait} {_fmt(f.top.value)})"
