@@ -103,3 +103,20 @@ def _fast_fresh_tracking_stores() -> Iterator[None]:
     patch.undo()
     if "template" in _MIGRATION:
         shutil.rmtree(_MIGRATION.pop("template").parent, ignore_errors=True)
+
+
+_MLFLOW_PROCESS_VARIABLES = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_process_variables_do_not_leak() -> Iterator[None]:
+    """``mlflow.set_experiment`` writes MLFLOW_EXPERIMENT_ID into the environment; an entry
+    point run in process (train_organism, sweep) would hand its experiment to every later
+    test and subprocess. Each test gets the variables back as they were."""
+    saved = {name: os.environ.get(name) for name in _MLFLOW_PROCESS_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
