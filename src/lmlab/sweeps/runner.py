@@ -17,6 +17,7 @@ import math
 import os
 import time
 import traceback
+from datetime import datetime
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from lmlab.cache import DiskCache
 from lmlab.errors import LmlabError
 from lmlab.identity import condition_identity, model_identity, path_digest
 from lmlab.runtime import apply_threads
+from lmlab.ui import runs_url, share_view, ui_command
 from lmlab.sweeps.claims import (TOKEN_TAG, Claim, Coordinator, HeartbeatSettings, StudyStorage,
                                  open_storage, worker_owner)
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, family_for
@@ -49,6 +51,9 @@ INCOMPLETE_ATTR = "lmlab.incomplete"
 SLOT_ATTR = "lmlab.slot"
 #: The study's one objective for families that name none: 1.0 for every finished condition.
 FINISHED_METRIC = "condition_finished"
+#: Parent metrics that answer "what did this sweep find" (``Family.summarize``), shown as
+#: runs-table columns by the view each sweep shares.
+HEADLINE_PREFIX = "headline/"
 
 
 @dataclass
@@ -59,6 +64,9 @@ class SweepOutcome:
     tracking_seconds: float
     total_seconds: float
     incomplete: list[str] = field(default_factory=list)  # run names of incomplete conditions
+    run_name: str = ""
+    view_key: str | None = None  # the experiment's shared runs-table view (headline columns)
+    headline: list[str] = field(default_factory=list)  # the parent's headline metric names
 
 
 def poll_seconds() -> float:
@@ -238,7 +246,7 @@ class SweepRunner:
         else:
             self._run_search()
         summary = pd.DataFrame(self.rows)
-        self._log_parent(summary)
+        headline = self._log_parent(summary)
         self._close_dead_workers()  # workers killed meanwhile
         total = time.perf_counter() - start
         self.tracker.log_metrics(self.tracker.parent_run_id, {
@@ -246,7 +254,7 @@ class SweepRunner:
             "tracking_share": self.tracker.seconds / total if total else math.nan,
             "conditions_incomplete": float(len(self.incomplete))})
         return SweepOutcome(self.tracker.parent_run_id, self.tracker.experiment_id, summary,
-                            self.tracker.seconds, total, list(self.incomplete))
+                            self.tracker.seconds, total, list(self.incomplete), headline=headline)
 
     def _print_plan(self, grid: list[dict[str, Any]]) -> None:
         if self.spec.search is not None:
@@ -623,12 +631,15 @@ class SweepRunner:
         self.rows.append(row)
 
     # ------------------------------------------------------------------ parent
-    def _log_parent(self, summary: pd.DataFrame) -> None:
+    def _log_parent(self, summary: pd.DataFrame) -> list[str]:
+        """The family's summary on the parent; returns its headline metric names."""
         parent = self.tracker.parent_run_id
         result = self.family.summarize(self.ctx, summary)
         if "summary" not in result.tables:
             self.tracker.log_table(parent, summary, "summary")
         self._log_result(parent, result)
+        return [name for name in result.metrics if name.startswith(HEADLINE_PREFIX)
+                and not name.endswith(("_n", "_p"))]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -657,28 +668,68 @@ def closed_on_failure(tracker: Tracker, run_id: str, what: str) -> Iterator[None
                          f"(traceback saved as error.txt on run {run_id})") from error
 
 
+DEFAULT_EXPERIMENT_ID = "0"
+LAUNCHER_TAG = "lmlab.sweep_parent"
+
+
+def parent_run_name(spec: SweepSpec, now: datetime | None = None) -> str:
+    """``<spec name> YYYY-MM-DD HH:MM`` (local time): a sweep found by name in the UI."""
+    return f"{spec.name} {(now or datetime.now()).strftime('%Y-%m-%d %H:%M')}"
+
+
+def chosen_experiment(spec: SweepSpec, experiment_name: str | None) -> str:
+    """The experiment a sweep's parent goes to when nothing created it yet: the argument,
+    then MLFLOW_EXPERIMENT_NAME, else the family's own experiment."""
+    return experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.family
+
+
 def start_parent(client: MlflowClient, spec: SweepSpec, experiment_name: str | None) -> tuple[str, str]:
-    """Resume the run ``mlflow run`` created (MLFLOW_RUN_ID) or create one; (run id, experiment id).
-    This is the sweep's first write to the store, so a store that refuses writes is
-    reported here as one line."""
+    """The sweep's parent run; (run id, experiment id).
+
+    Under ``mlflow run`` (MLFLOW_RUN_ID) the run it created is the parent, unless it sits
+    in the Default experiment, which is where ``mlflow run`` puts a run when nobody chose
+    an experiment: then the parent is created in the family's experiment and the run
+    ``mlflow run`` made is kept as a launcher that points at it (tag ``lmlab.sweep_parent``
+    and a note). Outside ``mlflow run``: ``experiment_name``, MLFLOW_EXPERIMENT_NAME,
+    MLFLOW_EXPERIMENT_ID, else the family's experiment. This is the sweep's first write to
+    the store, so a store that refuses writes is reported here as one line."""
     from mlflow.exceptions import MlflowException
 
     uri = mask_url(mlflow.get_tracking_uri())
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as error:
-            raise LmlabError(f"MLFLOW_RUN_ID={run_id} is not a run in the tracking store {uri}: "
-                             "unset it, or point MLFLOW_TRACKING_URI at the store that has it") from error
-        return run_id, run.info.experiment_id
-    name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.family
+    name = parent_run_name(spec)
     try:
-        experiment_id = _experiment_id(client, name)
-        run = client.create_run(experiment_id, run_name=f"sweep-{spec.name}")
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+            except MlflowException as error:
+                raise LmlabError(f"MLFLOW_RUN_ID={run_id} is not a run in the tracking store {uri}: "
+                                 "unset it, or point MLFLOW_TRACKING_URI at the store that has it") from error
+            if run.info.experiment_id != DEFAULT_EXPERIMENT_ID and not experiment_name:
+                client.update_run(run_id, name=name)
+                return run_id, run.info.experiment_id
+            experiment_id = _experiment_id(client, experiment_name or spec.family)
+            parent = client.create_run(experiment_id, run_name=name)
+            _mark_launcher(client, run_id, parent.info.run_id, experiment_name or spec.family)
+            return parent.info.run_id, experiment_id
+        given_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if given_id and not experiment_name and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+            experiment_id = client.get_experiment(given_id).experiment_id
+        else:
+            experiment_id = _experiment_id(client, chosen_experiment(spec, experiment_name))
+        run = client.create_run(experiment_id, run_name=name)
     except MlflowException as error:
         raise LmlabError(f"cannot write to the tracking store {uri}: {first_line(error)}") from error
     return run.info.run_id, experiment_id
+
+
+def _mark_launcher(client: MlflowClient, launcher_id: str, parent_id: str, experiment: str) -> None:
+    """Leave the run ``mlflow run`` made in Default as a signpost to the real parent."""
+    client.set_tag(launcher_id, LAUNCHER_TAG, parent_id)
+    client.set_tag(launcher_id, "lmlab.role", "launcher")
+    client.set_tag(launcher_id, "mlflow.note.content",
+                   f"This run only launched a sweep. Its results are in experiment "
+                   f"'{experiment}', parent run {parent_id}.")
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -725,6 +776,8 @@ def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutco
         runner.tracker.fail(parent_id, reason)
         raise LmlabError(f"sweep {spec.name}: {reason}")
     client.set_terminated(parent_id, "FINISHED")
+    outcome.run_name = client.get_run(parent_id).info.run_name
+    outcome.view_key = share_view(client, experiment_id, outcome.headline)
     return outcome
 
 
@@ -751,9 +804,11 @@ def _spec_yaml(spec: SweepSpec) -> str:
 
 
 def ui_hint(outcome: SweepOutcome) -> str:
+    """The sweep's last lines: the parent, the command that opens the UI on a local store,
+    and the URL of the experiment's runs table in the classic view with the headline columns."""
     uri = mlflow.get_tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    opener = "" if uri.startswith(("http://", "https://")) else \
-        f"open the UI:  mlflow ui --backend-store-uri {mask_url(uri)} --port 5000\n"
-    return (f"parent run: {outcome.parent_run_id}\n{opener}"
-            f"then browse:  {base}/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}")
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    opener = "" if served else f"open the UI:  {ui_command(mask_url(uri))}\n"
+    return (f"parent run: {outcome.run_name} ({outcome.parent_run_id})\n{opener}"
+            f"then browse:  {runs_url(base, outcome.experiment_id, outcome.view_key)}")

@@ -1,0 +1,150 @@
+"""What a sweep leaves for the MLflow UI: one experiment per family, a parent named after
+the spec and its date, children named after their condition, headline metrics on the
+parent, and a last line that opens the runs table in the classic view.
+
+Steering on a tiny random model, so these check bookkeeping, not steering quality.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmlab import stats
+from lmlab.steering.family import headline
+from lmlab.sweeps.runner import LAUNCHER_TAG, run_sweep, ui_hint
+from lmlab.sweeps.spec import parse_spec
+from lmlab.tracking import PARENT_TAG
+from lmlab.ui import SHARED_VIEW_TAG, keep_price_table_local, runs_url
+
+TINY_SPEC = {
+    "family": "steering",
+    "name": "tiny",
+    "model": {"name": "tiny:llama"},
+    "grid": {"method": ["suffix_contrast"], "layer": [1], "alpha": [0.5], "intervention": ["add"]},
+    "steering": {"n_prompts": 3, "n_train": 4, "eval_splits": ["harm_test", "benign"],
+                 "generation": {"max_new_tokens": 4, "batch_size": 4}, "kl_tokens": 2},
+}
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    return tmp_path
+
+
+def children_of(experiment_id: str, parent_id: str) -> list:
+    return MlflowClient().search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+
+def test_a_sweep_lands_in_its_familys_experiment_under_a_dated_name(store: Path) -> None:
+    outcome = run_sweep(parse_spec(TINY_SPEC))
+    client = MlflowClient()
+    assert client.get_experiment(outcome.experiment_id).name == "steering"
+    parent = client.get_run(outcome.parent_run_id)
+    assert re.fullmatch(r"tiny \d{4}-\d\d-\d\d \d\d:\d\d", parent.info.run_name)
+    names = {r.info.run_name for r in children_of(outcome.experiment_id, outcome.parent_run_id)}
+    assert "baseline [harm_test+benign]" in names
+    assert "suffix_contrast add L1 add_norm_multiple=0.5 [harm_test+benign]" in names
+    # The parent answers "what did this sweep find" with an interval.
+    metrics = parent.data.metrics
+    for name in ("headline/refusal_gain_vs_random", "headline/refusal", "headline/benign_cost"):
+        assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"]
+    assert parent.data.tags["lmlab.headline"].startswith("suffix_contrast add layer 1")
+
+
+def test_the_last_lines_open_the_classic_runs_view_with_the_headline_columns(store: Path) -> None:
+    outcome = run_sweep(parse_spec(TINY_SPEC))
+    hint = ui_hint(outcome)
+    assert "LITELLM_LOCAL_MODEL_COST_MAP=True mlflow ui --backend-store-uri sqlite:///" in hint
+    assert hint.splitlines()[-1].endswith(
+        f"/#/experiments/{outcome.experiment_id}/runs?viewStateShareKey={outcome.view_key}"
+        "&workflowType=machine_learning")
+    experiment = MlflowClient().get_experiment(outcome.experiment_id)
+    view = json.loads(experiment.tags[f"{SHARED_VIEW_TAG}{outcome.view_key}"])
+    assert "metrics.`headline/refusal_gain_vs_random`" in view["selectedColumns"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_named_experiment_still_wins(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outcome = run_sweep(parse_spec(TINY_SPEC), experiment_name="mine")
+    assert MlflowClient().get_experiment(outcome.experiment_id).name == "mine"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    outcome = run_sweep(parse_spec(TINY_SPEC))
+    assert MlflowClient().get_experiment(outcome.experiment_id).name == "from-env"
+
+
+def test_mlflow_run_in_default_points_at_a_parent_in_the_family_experiment(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mlflow run . -e sweep` with no experiment makes its run in Default (id 0)."""
+    client = MlflowClient()
+    launcher = client.create_run("0").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
+    outcome = run_sweep(parse_spec(TINY_SPEC))
+    assert client.get_experiment(outcome.experiment_id).name == "steering"
+    assert outcome.parent_run_id != launcher
+    assert client.get_run(launcher).data.tags[LAUNCHER_TAG] == outcome.parent_run_id
+    assert len(children_of(outcome.experiment_id, outcome.parent_run_id)) == 3
+
+
+def test_mlflow_run_with_an_experiment_keeps_its_run_as_the_parent(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = MlflowClient()
+    chosen = client.create_experiment("chosen")
+    run_id = client.create_run(chosen).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    outcome = run_sweep(parse_spec(TINY_SPEC))
+    assert (outcome.parent_run_id, outcome.experiment_id) == (run_id, chosen)
+    assert client.get_run(run_id).info.run_name.startswith("tiny 20")
+
+
+def test_headline_picks_the_largest_gain_over_the_matched_control() -> None:
+    def row(method, control_for, alpha, refusal, cost):  # type: ignore[no-untyped-def]
+        est, benign = stats.rate([True] * refusal + [False] * (10 - refusal)), \
+            stats.rate([True] * cost + [False] * (10 - cost))
+        return {"method": method, "control_for": control_for, "layer": 1, "intervention": "add",
+                "scope": "layer", "add_norm_multiple": alpha, "run_id": f"{method}{alpha}",
+                **est.to_dict("harm_test/refusal"), **benign.to_dict("benign/cost")}
+
+    frame = pd.DataFrame([
+        row("suffix_contrast", None, 0.25, 6, 1), row("random", "suffix_contrast", 0.25, 1, 0),
+        row("suffix_contrast", None, 0.5, 9, 8), row("random", "suffix_contrast", 0.5, 7, 2)])
+    found, tags = headline(frame)
+    # 0.25: 0.6 - 0.1 = 0.5 beats 0.5: 0.9 - 0.7 = 0.2, although 0.5 refuses more.
+    assert found["headline/refusal_gain_vs_random"] == pytest.approx(0.5)
+    assert found["headline/refusal"] == pytest.approx(0.6)
+    assert found["headline/benign_cost"] == pytest.approx(0.1)
+    assert found["headline/refusal_gain_vs_random_lo"] < 0.5 < found["headline/refusal_gain_vs_random_hi"]
+    assert tags["lmlab.headline_run"] == "suffix_contrast0.25"
+
+
+def test_newcombe_interval_of_a_known_difference() -> None:
+    # Newcombe (1998) table II, example (a): 56/70 - 48/80 = 0.2, method 10: 0.0524 to 0.3339.
+    a = stats.rate([True] * 56 + [False] * 14)
+    b = stats.rate([True] * 48 + [False] * 32)
+    d = stats.rate_difference(a, b)
+    assert d.value == pytest.approx(0.2)
+    assert (d.lower, d.upper) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))
+
+
+def test_lmlab_keeps_litellm_off_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LITELLM_LOCAL_MODEL_COST_MAP", raising=False)
+    keep_price_table_local()
+    import os
+
+    assert os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+
+
+def test_runs_url_without_a_view_still_asks_for_the_classic_view() -> None:
+    assert runs_url("http://h:1/", "7") == "http://h:1/#/experiments/7/runs?workflowType=machine_learning"
