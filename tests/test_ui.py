@@ -148,3 +148,29 @@ def test_lmlab_keeps_litellm_off_the_network(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_runs_url_without_a_view_still_asks_for_the_classic_view() -> None:
     assert runs_url("http://h:1/", "7") == "http://h:1/#/experiments/7/runs?workflowType=machine_learning"
+
+
+def test_scaled_estimate_uses_the_measured_ratio_then_seconds_per_unit() -> None:
+    from lmlab.sweeps.throughput import Measured, scaled_estimate
+
+    history = [Measured(10.0, 2.0, 5.0), Measured(30.0, 6.0, 5.0)]  # 5x the reference
+    assert scaled_estimate(history, 3.0, 1.0) == pytest.approx(15.0)
+    assert scaled_estimate(history, 0.0, 2.0) == pytest.approx(8.0)  # 4 s per unit
+    assert scaled_estimate([], 3.0, 1.0) is None
+
+
+def test_the_second_plan_is_measured_on_this_machine(store: Path, capsys: pytest.CaptureFixture) -> None:
+    from lmlab.sweeps.throughput import FILE_NAME
+
+    run_sweep(parse_spec(TINY_SPEC))
+    first = capsys.readouterr().out
+    assert "at reference CPU rates, not yet measured on this machine" in first
+    rows = json.loads((store / ".lmlab" / FILE_NAME).read_text())
+    measured = next(v for k, v in rows.items() if "|steering|" in k and not k.endswith("|prepare"))
+    assert len(measured) == 3 and all(seconds > 0 for seconds, _, _ in measured)
+    spec = {**TINY_SPEC, "grid": {**TINY_SPEC["grid"], "alpha": [0.75]}}
+    run_sweep(parse_spec(spec))
+    second = capsys.readouterr().out
+    plan = next(line for line in second.splitlines() if line.startswith("sweep 'tiny'"))
+    assert "1 already finished, 2 to run" in plan
+    assert "measured on this machine over 3 earlier condition(s)" in plan

@@ -40,9 +40,12 @@ from lmlab.sweeps.claims import (TOKEN_TAG, Claim, Coordinator, HeartbeatSetting
                                  open_storage, worker_owner)
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, family_for
 from lmlab.sweeps.spec import SweepSpec
+from lmlab.sweeps.throughput import (Measured, ThroughputLog, duration, machine_key,
+                                     scaled_estimate)
 from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, OUTPUT_DIGESTS_TAG, PARENT_TAG,
                             Tracker, cache_dir, close_dead_runs, condition_key, ensure_store,
-                            finished_condition, first_line, mask_url, owner_is_dead, store_dir)
+                            finished_condition, first_line, host_name, mask_url, owner_is_dead,
+                            store_dir)
 
 #: Seconds between looks at conditions other workers hold (``LMLAB_POLL_SECONDS``).
 WAIT_POLL_SECONDS = 5.0
@@ -149,6 +152,9 @@ class SweepRunner:
         self._choices: dict[str, tuple[Any, ...]] = {}
         self._grid_coord: Coordinator | None = None
         self._opened: StudyStorage | None = None
+        self._throughput: ThroughputLog | None = None
+        self._planned: dict[str, tuple[float, float]] = {}  # key -> (reference s, units) to run
+        self._reported_rate = False
 
     # ------------------------------------------------------------------ identity
     def _model_and_data(self) -> tuple[dict[str, Any], dict[str, str]]:
@@ -239,7 +245,10 @@ class SweepRunner:
         for params in grid:
             self.family.validate_condition(params)
         self._print_plan(grid)
+        started = time.perf_counter()
         self.family.prepare(self.ctx)
+        if self._planned:
+            self._prepare_log().record(Measured(time.perf_counter() - started, 0.0, 0.0))
         self._report_data()
         if self.spec.search is None:
             self._run_grid(grid)
@@ -263,11 +272,58 @@ class SweepRunner:
                   f"study {self.spec.study_name}")
             return
         todo = [p for p in grid if self.finished(self.key_for(p), p) is None]
-        seconds = sum(self.family.estimate_seconds(p) for p in todo)
-        units = sum(self.family.work_units(p) for p in todo)
+        self._planned = {self.key_for(p): (self.family.estimate_seconds(p), self.family.work_units(p))
+                         for p in todo}
+        units = sum(u for _, u in self._planned.values())
         print(f"sweep {self.spec.name!r} ({self.spec.family}): {len(grid)} conditions, "
               f"{len(grid) - len(todo)} already finished, {len(todo)} to run; "
-              f"about {units} {self.family.work_unit_name}, estimated {seconds / 60:.1f} min")
+              f"about {units} {self.family.work_unit_name}, {self._estimate_line(todo)}")
+
+    # ------------------------------------------------------------------ estimates
+    @property
+    def throughput(self) -> ThroughputLog:
+        if self._throughput is None:
+            key = machine_key(host_name(), self.spec.family, self._model_and_data()[0])
+            self._throughput = ThroughputLog(self.store, key)
+        return self._throughput
+
+    def _prepare_log(self) -> ThroughputLog:
+        return ThroughputLog(self.store, f"{self.throughput.key}|prepare")
+
+    def _estimate_line(self, todo: list[dict[str, Any]]) -> str:
+        """The time left for ``todo``: measured on this machine when it can be, else the
+        family's reference rates, saying which."""
+        if not todo:
+            return "nothing to compute"
+        reference = sum(r for r, _ in self._planned.values())
+        units = sum(u for _, u in self._planned.values())
+        history = self.throughput.history()
+        scaled = scaled_estimate(history, reference, units)
+        prepared = [m.seconds for m in self._prepare_log().history()]
+        setup = sum(prepared[-5:]) / len(prepared[-5:]) if prepared else 0.0
+        if scaled is not None:
+            return (f"estimated {duration(scaled + setup)} (measured on this machine over "
+                    f"{len(history)} earlier condition(s))")
+        if reference > 0:
+            return (f"estimated {duration(reference)} at reference CPU rates, not yet measured "
+                    "on this machine (corrected after the first condition)")
+        return "no estimate until the first condition has run on this machine"
+
+    def _measured(self, key: str, seconds: float) -> None:
+        """Record what a condition took; after this sweep's first, print the time left."""
+        reference, units = self._planned.pop(key, (math.nan, math.nan))
+        if math.isnan(reference):
+            return
+        self.throughput.record(Measured(seconds, reference, units))
+        if not self._reported_rate and self._planned:
+            self._reported_rate = True
+            left = scaled_estimate(self.throughput.history(),
+                                   sum(r for r, _ in self._planned.values()),
+                                   sum(u for _, u in self._planned.values()))
+            if left is not None:
+                tqdm.write(f"first condition took {seconds:.1f} s (reference estimate "
+                           f"{reference:.1f} s): about {duration(left)} left for "
+                           f"{len(self._planned)} condition(s)")
 
     def _report_data(self) -> None:
         """Print what each loader read and kept; log the counts on the parent."""
@@ -544,7 +600,9 @@ class SweepRunner:
             trial.set_user_attr(name, value)
         values: list[float] | None = None
         try:
+            started = time.perf_counter()
             result, run_id = self._compute_run(params, key, trial)
+            self._measured(key, time.perf_counter() - started)
             if not coord.still_running(trial.number):
                 self.tracker.fail(run_id, "another worker took this condition over (this worker's "
                                   "heartbeat was judged stopped); its result is not used",
