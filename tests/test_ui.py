@@ -174,3 +174,14 @@ def test_the_second_plan_is_measured_on_this_machine(store: Path, capsys: pytest
     plan = next(line for line in second.splitlines() if line.startswith("sweep 'tiny'"))
     assert "1 already finished, 2 to run" in plan
     assert "measured on this machine over 3 earlier condition(s)" in plan
+
+
+def test_longmemeval_headline_is_focused_against_full_accuracy() -> None:
+    from lmlab.context.family import headline as context_headline
+
+    focused, full = stats.rate([True, True, False]), stats.rate([True, False, False])
+    found, _ = context_headline({**focused.to_dict("focused_accuracy"),
+                                 **full.to_dict("full_accuracy")}, {})
+    assert found["headline/accuracy_shortest"] == pytest.approx(2 / 3)
+    assert found["headline/accuracy_longest_hi"] == pytest.approx(full.upper)
+    assert found["headline/accuracy_longest_n"] == 3
