@@ -185,3 +185,17 @@ def test_longmemeval_headline_is_focused_against_full_accuracy() -> None:
     assert found["headline/accuracy_shortest"] == pytest.approx(2 / 3)
     assert found["headline/accuracy_longest_hi"] == pytest.approx(full.upper)
     assert found["headline/accuracy_longest_n"] == 3
+
+
+def test_every_entry_point_keeps_the_price_table_local(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    code = ("import sys; sys.path.insert(0, 'entrypoints'); import _bootstrap, os; "
+            "print(os.environ['LITELLM_LOCAL_MODEL_COST_MAP'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
