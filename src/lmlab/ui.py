@@ -42,9 +42,8 @@ def share_view(client: MlflowClient, experiment_id: str, metrics: Sequence[str],
                params: Sequence[str] = ()) -> str:
     """Store a runs-table view showing ``params`` and ``metrics`` as columns on the
     experiment; returns its share key (the same columns give the same key)."""
-    state = {"selectedColumns": [column("attributes", "Source"), column("attributes", "Models"),
-                                 *(column("params", p) for p in params),
-                                 *(column("metrics", m) for m in metrics)],
+    shown = [*(column("params", p) for p in params), *(column("metrics", m) for m in metrics)]
+    state = {"selectedColumns": shown,
              "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
              "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs",
              "datasetsFilter": [], "runsHiddenMode": "SHOW_ALL"}

@@ -835,8 +835,18 @@ def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutco
         raise LmlabError(f"sweep {spec.name}: {reason}")
     client.set_terminated(parent_id, "FINISHED")
     outcome.run_name = client.get_run(parent_id).info.run_name
-    outcome.view_key = share_view(client, experiment_id, outcome.headline)
+    outcome.view_key = share_view(client, experiment_id, headline_columns(outcome.headline))
     return outcome
+
+
+def headline_columns(names: list[str]) -> list[str]:
+    """The runs-table columns of a family's headline: every value, and the interval of the
+    first (the sweep's main finding) beside it."""
+    values = [n for n in names if not n.endswith(("_lo", "_hi"))]
+    if not values:
+        return []
+    first = [f"{values[0]}{end}" for end in ("_lo", "_hi") if f"{values[0]}{end}" in names]
+    return [values[0], *first, *values[1:]]
 
 
 def mark_run_failed(reason: str) -> None:
