@@ -728,8 +728,14 @@ HELD_OUT_SPLITS = ("harm_test", "harm_val")
 
 
 def _estimate(row: Mapping[str, Any], name: str) -> stats.Estimate:
-    return stats.Estimate(float(row[name]), float(row[f"{name}_lo"]), float(row[f"{name}_hi"]),
-                          int(row.get(f"{name}_n", 0) or 0))
+    """A logged rate back from its flat metrics (NaN bounds where none were logged)."""
+    def value(key: str) -> float:
+        found = row.get(key)
+        return math.nan if found is None or pd.isna(found) else float(found)
+
+    n = value(f"{name}_n")
+    return stats.Estimate(value(name), value(f"{name}_lo"), value(f"{name}_hi"),
+                          0 if math.isnan(n) else int(n))
 
 
 def _control_of(frame: pd.DataFrame, row: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -767,6 +773,7 @@ def headline(frame: pd.DataFrame) -> tuple[dict[str, float], dict[str, str]]:
            **_estimate(row, refusal).to_dict("headline/refusal")}
     if pd.notna(row.get("benign/cost")):
         out.update(_estimate(row, "benign/cost").to_dict("headline/benign_cost"))
+    out = {name: value for name, value in out.items() if not math.isnan(value)}
     strength = STRENGTH[row["intervention"]]
     described = (f"{row['method']} {row['intervention']} layer {row['layer']} "
                  f"{strength}={row.get(strength)} on {split}")
