@@ -199,3 +199,34 @@ def test_every_entry_point_keeps_the_price_table_local(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_plain_mlflow_run_lands_the_sweep_in_the_familys_experiment(store: Path) -> None:
+    """The real `mlflow run . -e sweep`, no experiment given: its own run stays in Default
+    as a launcher, the parent and children are in `steering`."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    spec = store / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY_SPEC))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "LMLAB_STORE_DIR": str(store / ".lmlab"),
+           "PYTHONPATH": str(root / "src"),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    MlflowClient().search_experiments()  # the schema, before mlflow run uses the store
+    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "-e", "sweep",
+                           "--env-manager", "local", "-P", f"spec={spec}"],
+                          cwd=store, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient()
+    [launcher] = client.search_runs(["0"])
+    steering = client.get_experiment_by_name("steering")
+    [parent] = client.search_runs([steering.experiment_id], "tags.`lmlab.role` = 'sweep'")
+    assert launcher.data.tags[LAUNCHER_TAG] == parent.info.run_id
+    assert launcher.info.status == parent.info.status == "FINISHED"
+    assert len(children_of(steering.experiment_id, parent.info.run_id)) == 3
+    assert f"#/experiments/{steering.experiment_id}/runs?viewStateShareKey=" in done.stdout
