@@ -154,7 +154,7 @@ class SweepRunner:
         self._opened: StudyStorage | None = None
         self._throughput: ThroughputLog | None = None
         self._planned: dict[str, tuple[float, float]] = {}  # key -> (reference s, units) to run
-        self._reported_rate = False
+        self._computed = 0  # conditions computed (not reused) by this sweep
 
     # ------------------------------------------------------------------ identity
     def _model_and_data(self) -> tuple[dict[str, Any], dict[str, str]]:
@@ -310,20 +310,22 @@ class SweepRunner:
         return "no estimate until the first condition has run on this machine"
 
     def _measured(self, key: str, seconds: float) -> None:
-        """Record what a condition took; after this sweep's first, print the time left."""
+        """Record what a condition took; after the first condition and at each quarter of
+        the plan, print the time left from everything measured so far."""
         reference, units = self._planned.pop(key, (math.nan, math.nan))
         if math.isnan(reference):
             return
         self.throughput.record(Measured(seconds, reference, units))
-        if not self._reported_rate and self._planned:
-            self._reported_rate = True
-            left = scaled_estimate(self.throughput.history(),
-                                   sum(r for r, _ in self._planned.values()),
-                                   sum(u for _, u in self._planned.values()))
-            if left is not None:
-                tqdm.write(f"first condition took {seconds:.1f} s (reference estimate "
-                           f"{reference:.1f} s): about {duration(left)} left for "
-                           f"{len(self._planned)} condition(s)")
+        self._computed += 1
+        total = self._computed + len(self._planned)
+        checkpoints = {1, *(math.ceil(total * q / 4) for q in (1, 2, 3))}
+        if not self._planned or self._computed not in checkpoints:
+            return
+        left = scaled_estimate(self.throughput.history(), sum(r for r, _ in self._planned.values()),
+                               sum(u for _, u in self._planned.values()))
+        if left is not None:
+            tqdm.write(f"{self._computed} of {total} condition(s) computed (the last took "
+                       f"{seconds:.1f} s): about {duration(left)} left")
 
     def _report_data(self) -> None:
         """Print what each loader read and kept; log the counts on the parent."""
