@@ -243,7 +243,7 @@ ROWS: list[Row] = [
     Row("probes", "grid.lag must be an integer, got 0.5", base="probes", changes={"grid.lag": [0.5]}),
     Row("probes", "unknown probes setting 'colour'; known: batch_size, bootstrap, data, dtype, "
         "extra_labels, fit_threads, max_chains, max_iter, max_malformed_share, min_coverage, "
-        "min_span_match, register, seed, split, strengths, tolerance", base="probes",
+        "min_span_match, register, register_all, seed, split, strengths, tolerance", base="probes",
         changes={"probes.colour": "red"}),
     Row("probes", "unknown probes setting 'max_chain'; did you mean 'max_chains'?", base="probes",
         changes={"probes.max_chain": 8}),

@@ -50,6 +50,17 @@ def rate(successes: Sequence[bool] | np.ndarray) -> Estimate:
     return Estimate(k / n, float(interval.low), float(interval.high), n)
 
 
+def rate_difference(a: Estimate, b: Estimate) -> Estimate:
+    """``a - b`` for two rates measured on different units (a condition against its
+    control), with Newcombe's hybrid score interval built from each rate's Wilson bounds
+    (Newcombe 1998, method 10). On the same units it is conservative when the two
+    outcomes are positively correlated, as steered answers to the same prompts are."""
+    d = a.value - b.value
+    lower = d - math.sqrt((a.value - a.lower) ** 2 + (b.upper - b.value) ** 2)
+    upper = d + math.sqrt((a.upper - a.value) ** 2 + (b.value - b.lower) ** 2)
+    return Estimate(d, max(lower, -1.0), min(upper, 1.0), min(a.n, b.n))
+
+
 @dataclass(frozen=True)
 class PairedRateDifference(Estimate):
     """treated rate - control rate over the same units, with a two-sided p-value for

@@ -92,6 +92,12 @@ def test_pooled_intervals_count_needles_not_rows(tiny, tmp_path: Path) -> None:
     metrics = parent.metrics
     assert metrics["effective_length"] == 400 and metrics["effective_length_n"] == 4
     assert metrics["effective_length_lo"] == 0  # resampling only the wrong needles
+    # The parent's headline: accuracy at the shortest and longest length, same intervals.
+    for name, row in (("shortest", by_length.iloc[0]), ("longest", by_length.iloc[-1])):
+        assert metrics[f"headline/accuracy_{name}"] == row["accuracy"]
+        assert metrics[f"headline/accuracy_{name}_lo"] == row["accuracy_lo"]
+        assert metrics[f"headline/accuracy_{name}_n"] == 4
+    assert parent.tags["lmlab.headline"] == "accuracy at 300 and 400 tokens"
 
 
 def test_a_condition_key_changes_with_the_scoring_version(monkeypatch) -> None:

@@ -16,8 +16,10 @@ from lmlab.sweeps.family import family_for
 from lmlab.sweeps.spec import parse_spec
 
 LAYERS, LAGS = [0, 2], [-2, 0, 3]
-# MLflow asks for predict type hints; the probes carry an explicit tensor signature instead.
-pytestmark = pytest.mark.filterwarnings("ignore:.*Add type hints:UserWarning")
+# predict is type-hinted and every probe carries an input example: MLflow's warnings asking
+# for either would be a regression.
+pytestmark = [pytest.mark.filterwarnings("error:.*Add type hints:UserWarning"),
+              pytest.mark.filterwarnings("error:.*input example was not provided:UserWarning")]
 
 
 def spec_for(chain_file, **settings):
@@ -194,7 +196,9 @@ def test_the_champion_reloaded_by_alias_gives_the_trained_probabilities(swept, t
     assert loaded.metadata.metadata["lag"] == lag
     assert loaded.metadata.metadata["dataset_digest"] == prepared.chains.digest
     versions = client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == len(LAYERS) * len(LAGS)
+    assert [v.version for v in versions] == [champion.version]  # only the champion by default
+    assert [s.name for s in loaded.metadata.signature.inputs.inputs] == ["activations"]
+    assert [s.name for s in loaded.metadata.signature.outputs.inputs] == ["probability"]
 
 
 def test_a_rerun_reuses_finished_runs_and_the_activation_cache(swept, tiny_lm, capsys):
@@ -202,6 +206,28 @@ def test_a_rerun_reuses_finished_runs_and_the_activation_cache(swept, tiny_lm, c
     again, _, _ = run(spec_for(chain_file), tiny_lm)
     assert again.summary["reused"].all()
     assert "30 of 30 chains already cached" in capsys.readouterr().out
+    name = registered_name("backtracking", "tiny-llama")
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_the_parent_shows_the_champion_against_the_stronger_baseline(swept):
+    outcome, family, client, _ = swept
+    metrics = client.get_run(outcome.parent_run_id).data.metrics
+    table = family.results_table(None, family.conditions())
+    best = table.loc[table["val_pr_auc"].idxmax()]
+    prefix = "headline/backtracking"
+    assert metrics[f"{prefix}_test_pr_auc"] == pytest.approx(best["test_pr_auc"])
+    stronger = max(best["token_test_pr_auc"], best["persistence_test_pr_auc"])
+    assert metrics[f"{prefix}_baseline_test_pr_auc"] == pytest.approx(stronger)
+    gain = metrics[f"{prefix}_gain_over_baseline"]
+    assert gain == pytest.approx(best["test_pr_auc"] - stronger)
+    assert metrics[f"{prefix}_gain_over_baseline_lo"] <= gain <= metrics[f"{prefix}_gain_over_baseline_hi"]
+
+
+def test_register_all_registers_every_probe(tracking, sample_records, tiny_lm):
+    chain_file = tracking / "chains.json"
+    chain_file.write_text(json.dumps(sample_records[:30]))
+    _, _, client = run(spec_for(chain_file, register_all=True), tiny_lm)
     name = registered_name("backtracking", "tiny-llama")
     assert len(client.search_model_versions(f"name = '{name}'")) == len(LAYERS) * len(LAGS)
 

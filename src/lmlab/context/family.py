@@ -236,7 +236,9 @@ class ContextFamily(Family):
             extra, figures, tables = repeated_words.summarize(summary)
         else:
             extra, figures, tables = self._summarize_longmemeval(ctx, summary)
-        return ConditionResult(metrics={**metrics, **extra}, figures=figures, tables=tables)
+        found, tags = headline(extra, tables)
+        return ConditionResult(metrics={**metrics, **extra, **found}, figures=figures,
+                               tables=tables, tags=tags)
 
     def _summarised_conditions(self, summary: pd.DataFrame) -> list[dict[str, Any]]:
         """The spec's conditions (with their exact param types, which the cell ids hash)
@@ -302,3 +304,27 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             record[f"call_{k}"] = v
         records.append(record)
     return pd.DataFrame(records)
+
+
+def _rate(source: Mapping[str, Any], name: str, as_name: str) -> dict[str, float]:
+    return {f"{as_name}{end}": float(source[f"{name}{end}"]) for end in ("", "_lo", "_hi", "_n")
+            if f"{name}{end}" in source and pd.notna(source[f"{name}{end}"])}
+
+
+def headline(metrics: Mapping[str, float], tables: Mapping[str, pd.DataFrame]
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """Accuracy at the shortest and the longest context, for the parent's runs-table
+    columns: needle lengths pooled over depths (clustered by needle), or LongMemEval's
+    focused (short) and full (long) haystacks on the questions answered in both."""
+    by_length = tables.get("niah_by_length")
+    if by_length is not None and not by_length.empty:
+        ordered = by_length.sort_values("length")
+        short, long = ordered.iloc[0], ordered.iloc[-1]
+        return ({**_rate(short, "accuracy", "headline/accuracy_shortest"),
+                 **_rate(long, "accuracy", "headline/accuracy_longest")},
+                {"lmlab.headline": f"accuracy at {short['length']:g} and {long['length']:g} tokens"})
+    if "focused_accuracy" in metrics and "full_accuracy" in metrics:
+        return ({**_rate(metrics, "focused_accuracy", "headline/accuracy_shortest"),
+                 **_rate(metrics, "full_accuracy", "headline/accuracy_longest")},
+                {"lmlab.headline": "accuracy on the focused (shortest) and full (longest) haystack"})
+    return {}, {}

@@ -73,7 +73,9 @@ class ProbeSettings:
 
     data: path to a chain JSON list, or ``sample`` for the bundled sample chains.
     dtype / batch_size: activation storage precision and chains per forward pass.
-    register: log each probe as a pyfunc model and register it (alias ``champion``).
+    register: log the best probe of each label (by val PR-AUC) as a pyfunc model on its
+        child run and register it as a version under the alias ``champion``.
+    register_all: log and register every probe, not only each label's champion.
     Other keys: see ChainsConfig and TrainConfig.
     """
 
@@ -93,6 +95,7 @@ class ProbeSettings:
     tolerance: float = 1e-4
     fit_threads: int | None = None
     register: bool = True
+    register_all: bool = False
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ProbeSettings":
@@ -134,7 +137,8 @@ def _int(value: Any, name: str) -> int:
 class ProbesFamily(Family):
     name = "probes"
     # max_malformed_share only decides whether a load stops, never what it keeps.
-    operational_settings = ("batch_size", "fit_threads", "register", "max_malformed_share")
+    operational_settings = ("batch_size", "fit_threads", "register", "register_all",
+                            "max_malformed_share")
 
     def __init__(self, spec) -> None:  # type: ignore[no-untyped-def]
         super().__init__(spec)
@@ -417,6 +421,7 @@ class ProbesFamily(Family):
             metrics[f"{label}_best_test_pr_auc"] = float(best["test_pr_auc"])
             metrics[f"{label}_best_test_auroc"] = float(best["test_auroc"])
             tags[f"{label}_best"] = f"layer={int(best['layer'])},lag={int(best['lag'])}"
+            metrics.update(headline(str(label), best))
         if "fits_unconverged" in table:
             failed = int(table["fits_unconverged"].sum())
             metrics["fits_unconverged"] = float(failed)
@@ -440,7 +445,8 @@ class ProbesFamily(Family):
 
     # ------------------------------------------------------------------ registry
     def register_all(self, ctx: SweepContext, table: pd.DataFrame) -> dict[str, str]:
-        """Log each probe on its child run, register it, point ``champion`` at the best."""
+        """Log each label's best probe (every probe with ``register_all``) on its child
+        run, register it and point ``champion`` at the best."""
         client = ctx.tracker.client
         prepared = self._data()
         tags: dict[str, str] = {}
@@ -448,7 +454,9 @@ class ProbesFamily(Family):
             for label, rows in table.groupby("label"):
                 name = registered_name(str(label), self.spec.model.name)
                 versions: dict[tuple[int, int], str] = {}
-                for _, row in rows.iterrows():
+                best = rows.loc[rows["val_pr_auc"].idxmax()]
+                chosen = rows if self.settings.register_all else rows.loc[[best.name]]
+                for _, row in chosen.iterrows():
                     layer, lag = int(row["layer"]), int(row["lag"])
                     run_id = self._child_run(ctx, self._probe_key(str(label), layer, lag))
                     if run_id is None:
@@ -457,7 +465,6 @@ class ProbesFamily(Family):
                         ctx, Path(tmp), name, run_id, self._layers[(str(label), layer)].probes[lag],
                         float(row["val_pr_auc"]))
                 if versions:
-                    best = rows.loc[rows["val_pr_auc"].idxmax()]
                     champion = versions.get((int(best["layer"]), int(best["lag"])))
                     if champion is not None:
                         client.set_registered_model_alias(name, CHAMPION, champion)
@@ -488,3 +495,29 @@ class ProbesFamily(Family):
                               {"layer": probe.layer, "lag": probe.lag, "label": probe.label,
                                "val_pr_auc": round(val_pr_auc, 6),
                                "dataset_digest": prepared.chains.digest})
+
+
+BASELINES = ("token", "persistence")
+
+
+def _with_interval(row: Mapping[str, Any], column: str, name: str) -> dict[str, float]:
+    out = {name: float(row[column])}
+    for end in ("lo", "hi"):
+        if f"{column}_{end}" in row and pd.notna(row[f"{column}_{end}"]):
+            out[f"{name}_{end}"] = float(row[f"{column}_{end}"])
+    return out
+
+
+def headline(label: str, champion: Mapping[str, Any]) -> dict[str, float]:
+    """The champion's (best val PR-AUC) test PR-AUC, the stronger baseline's on the same
+    tokens, and the champion's paired gain over that baseline (problem bootstrap)."""
+    prefix = f"headline/{label}"
+    out = _with_interval(champion, "test_pr_auc", f"{prefix}_test_pr_auc")
+    present = [b for b in BASELINES if pd.notna(champion.get(f"{b}_test_pr_auc"))]
+    if not present:
+        return out
+    strongest = max(present, key=lambda b: float(champion[f"{b}_test_pr_auc"]))
+    out[f"{prefix}_baseline_test_pr_auc"] = float(champion[f"{strongest}_test_pr_auc"])
+    out.update(_with_interval(champion, f"probe_minus_{strongest}_test_pr_auc",
+                              f"{prefix}_gain_over_baseline"))
+    return out

@@ -18,7 +18,11 @@ class LinearProbeModel(mlflow.pyfunc.PythonModel):
             self.mean = stored["mean"].astype(np.float32)
             self.scale = stored["scale"].astype(np.float32)
 
-    def predict(self, context, model_input, params=None):
+    # The type hints are what MLflow reads to know predict takes an array (np.ndarray is
+    # validated by the signature's tensor spec, not inferred from the hint).
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        if isinstance(model_input, dict):  # the signature's named tensor: {"activations": x}
+            model_input = model_input["activations"]
         x = np.asarray(model_input, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.weight.shape[0]:
             raise ValueError(f"expected activations of shape (rows, {self.weight.shape[0]}), "

@@ -9,10 +9,8 @@ and call ``.predict(activations)`` on (rows, width) float32 residuals of its lay
 from __future__ import annotations
 
 import re
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import mlflow
 import numpy as np
@@ -26,6 +24,9 @@ from lmlab.probes.train import Probe
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_probe.py")
 CHAMPION = "champion"
+#: The signature's names: (rows, width) float32 residuals in, P(label at t + lag) out.
+INPUT_NAME = "activations"
+OUTPUT_NAME = "probability"
 
 
 def registered_name(label: str, model_name: str) -> str:
@@ -52,27 +53,20 @@ def save_probe(probe: Probe, directory: Path, metadata: Mapping[str, Any]) -> Pa
              threshold=np.float32(probe.threshold))
     target = directory / artifact_name(probe.layer, probe.lag)
     width = int(probe.weight.shape[0])
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width), INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,), OUTPUT_NAME)]))
     info = {"layer": probe.layer, "lag": probe.lag, "label": probe.label,
             "threshold": float(probe.threshold), "C": float(probe.strength), "width": width,
             "standardization": "x -> (x - mean) / scale with train-split mean and scale "
                                "(stored in the probe artifact)",
             "lag_convention": "activation at token t predicts the label at t + lag",
             **metadata}
-    with _quiet_mlflow():
-        mlflow.pyfunc.save_model(path=str(target), python_model=str(PYFUNC_FILE),
-                                 artifacts={"probe": str(weights)}, signature=signature,
-                                 pip_requirements=pip_requirements(), metadata=info)
+    mlflow.pyfunc.save_model(path=str(target), python_model=str(PYFUNC_FILE),
+                             artifacts={"probe": str(weights)}, signature=signature,
+                             input_example=np.zeros((1, width), dtype=np.float32),
+                             pip_requirements=pip_requirements(), metadata=info)
     return target
-
-
-@contextmanager
-def _quiet_mlflow() -> Iterator[None]:
-    with warnings.catch_warnings():
-        # The explicit tensor signature replaces predict type hints and an input example.
-        warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
-        yield
 
 
 def log_probe(client: MlflowClient, run_id: str, model_dir: Path) -> str:
@@ -117,5 +111,4 @@ def load_registered(name: str, alias: str = CHAMPION) -> Any:
         client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
         raise LmlabError(f"registered model {name!r} has no alias {alias!r}") from error
-    with _quiet_mlflow():
-        return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
+    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")

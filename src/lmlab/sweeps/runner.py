@@ -17,6 +17,7 @@ import math
 import os
 import time
 import traceback
+from datetime import datetime
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,13 +35,17 @@ from lmlab.cache import DiskCache
 from lmlab.errors import LmlabError
 from lmlab.identity import condition_identity, model_identity, path_digest
 from lmlab.runtime import apply_threads
+from lmlab.ui import runs_url, share_view, ui_command
 from lmlab.sweeps.claims import (TOKEN_TAG, Claim, Coordinator, HeartbeatSettings, StudyStorage,
                                  open_storage, worker_owner)
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, family_for
 from lmlab.sweeps.spec import SweepSpec
+from lmlab.sweeps.throughput import (Measured, ThroughputLog, duration, machine_key,
+                                     scaled_estimate)
 from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, OUTPUT_DIGESTS_TAG, PARENT_TAG,
                             Tracker, cache_dir, close_dead_runs, condition_key, ensure_store,
-                            finished_condition, first_line, mask_url, owner_is_dead, store_dir)
+                            finished_condition, first_line, host_name, mask_url, owner_is_dead,
+                            store_dir)
 
 #: Seconds between looks at conditions other workers hold (``LMLAB_POLL_SECONDS``).
 WAIT_POLL_SECONDS = 5.0
@@ -49,6 +54,9 @@ INCOMPLETE_ATTR = "lmlab.incomplete"
 SLOT_ATTR = "lmlab.slot"
 #: The study's one objective for families that name none: 1.0 for every finished condition.
 FINISHED_METRIC = "condition_finished"
+#: Parent metrics that answer "what did this sweep find" (``Family.summarize``), shown as
+#: runs-table columns by the view each sweep shares.
+HEADLINE_PREFIX = "headline/"
 
 
 @dataclass
@@ -59,6 +67,9 @@ class SweepOutcome:
     tracking_seconds: float
     total_seconds: float
     incomplete: list[str] = field(default_factory=list)  # run names of incomplete conditions
+    run_name: str = ""
+    view_key: str | None = None  # the experiment's shared runs-table view (headline columns)
+    headline: list[str] = field(default_factory=list)  # the parent's headline metric names
 
 
 def poll_seconds() -> float:
@@ -141,6 +152,9 @@ class SweepRunner:
         self._choices: dict[str, tuple[Any, ...]] = {}
         self._grid_coord: Coordinator | None = None
         self._opened: StudyStorage | None = None
+        self._throughput: ThroughputLog | None = None
+        self._planned: dict[str, tuple[float, float]] = {}  # key -> (reference s, units) to run
+        self._computed = 0  # conditions computed (not reused) by this sweep
 
     # ------------------------------------------------------------------ identity
     def _model_and_data(self) -> tuple[dict[str, Any], dict[str, str]]:
@@ -231,14 +245,17 @@ class SweepRunner:
         for params in grid:
             self.family.validate_condition(params)
         self._print_plan(grid)
+        started = time.perf_counter()
         self.family.prepare(self.ctx)
+        if self._planned:
+            self._prepare_log().record(Measured(time.perf_counter() - started, 0.0, 0.0))
         self._report_data()
         if self.spec.search is None:
             self._run_grid(grid)
         else:
             self._run_search()
         summary = pd.DataFrame(self.rows)
-        self._log_parent(summary)
+        headline = self._log_parent(summary)
         self._close_dead_workers()  # workers killed meanwhile
         total = time.perf_counter() - start
         self.tracker.log_metrics(self.tracker.parent_run_id, {
@@ -246,7 +263,7 @@ class SweepRunner:
             "tracking_share": self.tracker.seconds / total if total else math.nan,
             "conditions_incomplete": float(len(self.incomplete))})
         return SweepOutcome(self.tracker.parent_run_id, self.tracker.experiment_id, summary,
-                            self.tracker.seconds, total, list(self.incomplete))
+                            self.tracker.seconds, total, list(self.incomplete), headline=headline)
 
     def _print_plan(self, grid: list[dict[str, Any]]) -> None:
         if self.spec.search is not None:
@@ -255,11 +272,60 @@ class SweepRunner:
                   f"study {self.spec.study_name}")
             return
         todo = [p for p in grid if self.finished(self.key_for(p), p) is None]
-        seconds = sum(self.family.estimate_seconds(p) for p in todo)
-        units = sum(self.family.work_units(p) for p in todo)
+        self._planned = {self.key_for(p): (self.family.estimate_seconds(p), self.family.work_units(p))
+                         for p in todo}
+        units = sum(u for _, u in self._planned.values())
         print(f"sweep {self.spec.name!r} ({self.spec.family}): {len(grid)} conditions, "
               f"{len(grid) - len(todo)} already finished, {len(todo)} to run; "
-              f"about {units} {self.family.work_unit_name}, estimated {seconds / 60:.1f} min")
+              f"about {units} {self.family.work_unit_name}, {self._estimate_line(todo)}")
+
+    # ------------------------------------------------------------------ estimates
+    @property
+    def throughput(self) -> ThroughputLog:
+        if self._throughput is None:
+            key = machine_key(host_name(), self.spec.family, self._model_and_data()[0])
+            self._throughput = ThroughputLog(self.store, key)
+        return self._throughput
+
+    def _prepare_log(self) -> ThroughputLog:
+        return ThroughputLog(self.store, f"{self.throughput.key}|prepare")
+
+    def _estimate_line(self, todo: list[dict[str, Any]]) -> str:
+        """The time left for ``todo``: measured on this machine when it can be, else the
+        family's reference rates, saying which."""
+        if not todo:
+            return "nothing to compute"
+        reference = sum(r for r, _ in self._planned.values())
+        units = sum(u for _, u in self._planned.values())
+        history = self.throughput.history()
+        scaled = scaled_estimate(history, reference, units)
+        prepared = [m.seconds for m in self._prepare_log().history()]
+        setup = sum(prepared[-5:]) / len(prepared[-5:]) if prepared else 0.0
+        if scaled is not None:
+            return (f"estimated {duration(scaled + setup)} (measured on this machine over "
+                    f"{len(history)} earlier condition(s))")
+        if reference > 0:
+            return (f"estimated {duration(reference)} at reference CPU rates, not yet measured "
+                    "on this machine (corrected after the first condition)")
+        return "no estimate until the first condition has run on this machine"
+
+    def _measured(self, key: str, seconds: float) -> None:
+        """Record what a condition took; after the first condition and at each quarter of
+        the plan, print the time left from everything measured so far."""
+        reference, units = self._planned.pop(key, (math.nan, math.nan))
+        if math.isnan(reference):
+            return
+        self.throughput.record(Measured(seconds, reference, units))
+        self._computed += 1
+        total = self._computed + len(self._planned)
+        checkpoints = {1, *(math.ceil(total * q / 4) for q in (1, 2, 3))}
+        if not self._planned or self._computed not in checkpoints:
+            return
+        left = scaled_estimate(self.throughput.history(), sum(r for r, _ in self._planned.values()),
+                               sum(u for _, u in self._planned.values()))
+        if left is not None:
+            tqdm.write(f"{self._computed} of {total} condition(s) computed (the last took "
+                       f"{seconds:.1f} s): about {duration(left)} left")
 
     def _report_data(self) -> None:
         """Print what each loader read and kept; log the counts on the parent."""
@@ -536,7 +602,9 @@ class SweepRunner:
             trial.set_user_attr(name, value)
         values: list[float] | None = None
         try:
+            started = time.perf_counter()
             result, run_id = self._compute_run(params, key, trial)
+            self._measured(key, time.perf_counter() - started)
             if not coord.still_running(trial.number):
                 self.tracker.fail(run_id, "another worker took this condition over (this worker's "
                                   "heartbeat was judged stopped); its result is not used",
@@ -623,12 +691,15 @@ class SweepRunner:
         self.rows.append(row)
 
     # ------------------------------------------------------------------ parent
-    def _log_parent(self, summary: pd.DataFrame) -> None:
+    def _log_parent(self, summary: pd.DataFrame) -> list[str]:
+        """The family's summary on the parent; returns its headline metric names."""
         parent = self.tracker.parent_run_id
         result = self.family.summarize(self.ctx, summary)
         if "summary" not in result.tables:
             self.tracker.log_table(parent, summary, "summary")
         self._log_result(parent, result)
+        return [name for name in result.metrics if name.startswith(HEADLINE_PREFIX)
+                and not name.endswith(("_n", "_p"))]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -657,28 +728,68 @@ def closed_on_failure(tracker: Tracker, run_id: str, what: str) -> Iterator[None
                          f"(traceback saved as error.txt on run {run_id})") from error
 
 
+DEFAULT_EXPERIMENT_ID = "0"
+LAUNCHER_TAG = "lmlab.sweep_parent"
+
+
+def parent_run_name(spec: SweepSpec, now: datetime | None = None) -> str:
+    """``<spec name> YYYY-MM-DD HH:MM`` (local time): a sweep found by name in the UI."""
+    return f"{spec.name} {(now or datetime.now()).strftime('%Y-%m-%d %H:%M')}"
+
+
+def chosen_experiment(spec: SweepSpec, experiment_name: str | None) -> str:
+    """The experiment a sweep's parent goes to when nothing created it yet: the argument,
+    then MLFLOW_EXPERIMENT_NAME, else the family's own experiment."""
+    return experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.family
+
+
 def start_parent(client: MlflowClient, spec: SweepSpec, experiment_name: str | None) -> tuple[str, str]:
-    """Resume the run ``mlflow run`` created (MLFLOW_RUN_ID) or create one; (run id, experiment id).
-    This is the sweep's first write to the store, so a store that refuses writes is
-    reported here as one line."""
+    """The sweep's parent run; (run id, experiment id).
+
+    Under ``mlflow run`` (MLFLOW_RUN_ID) the run it created is the parent, unless it sits
+    in the Default experiment, which is where ``mlflow run`` puts a run when nobody chose
+    an experiment: then the parent is created in the family's experiment and the run
+    ``mlflow run`` made is kept as a launcher that points at it (tag ``lmlab.sweep_parent``
+    and a note). Outside ``mlflow run``: ``experiment_name``, MLFLOW_EXPERIMENT_NAME,
+    MLFLOW_EXPERIMENT_ID, else the family's experiment. This is the sweep's first write to
+    the store, so a store that refuses writes is reported here as one line."""
     from mlflow.exceptions import MlflowException
 
     uri = mask_url(mlflow.get_tracking_uri())
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as error:
-            raise LmlabError(f"MLFLOW_RUN_ID={run_id} is not a run in the tracking store {uri}: "
-                             "unset it, or point MLFLOW_TRACKING_URI at the store that has it") from error
-        return run_id, run.info.experiment_id
-    name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or spec.family
+    name = parent_run_name(spec)
     try:
-        experiment_id = _experiment_id(client, name)
-        run = client.create_run(experiment_id, run_name=f"sweep-{spec.name}")
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+            except MlflowException as error:
+                raise LmlabError(f"MLFLOW_RUN_ID={run_id} is not a run in the tracking store {uri}: "
+                                 "unset it, or point MLFLOW_TRACKING_URI at the store that has it") from error
+            if run.info.experiment_id != DEFAULT_EXPERIMENT_ID and not experiment_name:
+                client.update_run(run_id, name=name)
+                return run_id, run.info.experiment_id
+            experiment_id = _experiment_id(client, experiment_name or spec.family)
+            parent = client.create_run(experiment_id, run_name=name)
+            _mark_launcher(client, run_id, parent.info.run_id, experiment_name or spec.family)
+            return parent.info.run_id, experiment_id
+        given_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if given_id and not experiment_name and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+            experiment_id = client.get_experiment(given_id).experiment_id
+        else:
+            experiment_id = _experiment_id(client, chosen_experiment(spec, experiment_name))
+        run = client.create_run(experiment_id, run_name=name)
     except MlflowException as error:
         raise LmlabError(f"cannot write to the tracking store {uri}: {first_line(error)}") from error
     return run.info.run_id, experiment_id
+
+
+def _mark_launcher(client: MlflowClient, launcher_id: str, parent_id: str, experiment: str) -> None:
+    """Leave the run ``mlflow run`` made in Default as a signpost to the real parent."""
+    client.set_tag(launcher_id, LAUNCHER_TAG, parent_id)
+    client.set_tag(launcher_id, "lmlab.role", "launcher")
+    client.set_tag(launcher_id, "mlflow.note.content",
+                   f"This run only launched a sweep. Its results are in experiment "
+                   f"'{experiment}', parent run {parent_id}.")
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -725,7 +836,19 @@ def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutco
         runner.tracker.fail(parent_id, reason)
         raise LmlabError(f"sweep {spec.name}: {reason}")
     client.set_terminated(parent_id, "FINISHED")
+    outcome.run_name = client.get_run(parent_id).info.run_name
+    outcome.view_key = share_view(client, experiment_id, headline_columns(outcome.headline))
     return outcome
+
+
+def headline_columns(names: list[str]) -> list[str]:
+    """The runs-table columns of a family's headline: every value, and the interval of the
+    first (the sweep's main finding) beside it."""
+    values = [n for n in names if not n.endswith(("_lo", "_hi"))]
+    if not values:
+        return []
+    first = [f"{values[0]}{end}" for end in ("_lo", "_hi") if f"{values[0]}{end}" in names]
+    return [values[0], *first, *values[1:]]
 
 
 def mark_run_failed(reason: str) -> None:
@@ -751,9 +874,11 @@ def _spec_yaml(spec: SweepSpec) -> str:
 
 
 def ui_hint(outcome: SweepOutcome) -> str:
+    """The sweep's last lines: the parent, the command that opens the UI on a local store,
+    and the URL of the experiment's runs table in the classic view with the headline columns."""
     uri = mlflow.get_tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    opener = "" if uri.startswith(("http://", "https://")) else \
-        f"open the UI:  mlflow ui --backend-store-uri {mask_url(uri)} --port 5000\n"
-    return (f"parent run: {outcome.parent_run_id}\n{opener}"
-            f"then browse:  {base}/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}")
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    opener = "" if served else f"open the UI:  {ui_command(mask_url(uri))}\n"
+    return (f"parent run: {outcome.run_name} ({outcome.parent_run_id})\n{opener}"
+            f"then browse:  {runs_url(base, outcome.experiment_id, outcome.view_key)}")
