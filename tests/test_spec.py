@@ -154,3 +154,19 @@ def test_every_shipped_spec_passes_the_strict_checks(spec: str) -> None:
     from lmlab.sweeps.family import family_for
 
     family_for(load_spec(ROOT / "sweeps" / spec))
+
+
+def test_a_family_registered_in_process_is_a_known_family() -> None:
+    from lmlab.sweeps.family import FAMILIES, Family, register
+    from lmlab.sweeps.spec import parse_spec
+
+    @register
+    class Plugin(Family):
+        name = "plugin-for-test"
+
+    try:
+        spec = parse_spec({"family": "plugin-for-test", "name": "p", "model": {"name": "tiny:llama"},
+                           "grid": {"x": [1]}}, origin="spec")
+        assert spec.family == "plugin-for-test"
+    finally:
+        FAMILIES.pop("plugin-for-test", None)

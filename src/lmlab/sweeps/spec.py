@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -144,7 +145,12 @@ def known_families() -> list[str]:
     """Family names, without importing any family: each family is a package
     ``lmlab/<name>/`` whose ``family.py`` registers it (``lmlab/sweeps`` holds the contract)."""
     root = Path(lmlab.__file__).parent
-    return sorted(p.parent.name for p in root.glob("*/family.py") if p.parent.name != "sweeps")
+    bundled = {p.parent.name for p in root.glob("*/family.py") if p.parent.name != "sweeps"}
+    # Families registered in this process (a plugin's, a benchmark's) count too; only a
+    # process that imported the contract can have registered one.
+    contract = sys.modules.get("lmlab.sweeps.family")
+    registered = set(getattr(contract, "FAMILIES", {}))
+    return sorted(bundled | registered)
 
 
 def _check_family(raw: Mapping[str, Any], origin: str) -> str:
