@@ -120,3 +120,16 @@ def _mlflow_process_variables_do_not_leak() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh sqlite tracking store and lmlab store dir under tmp_path."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("LMLAB_STORE_DIR", str(tmp_path / ".lmlab"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    yield tmp_path
+    mlflow.set_tracking_uri(previous)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 
@@ -84,12 +83,3 @@ def diffing_spec(inputs: dict[str, Path], organisms: list, **settings):
     return parse_spec({"family": "diffing", "name": "tiny", "model": "tiny:llama",
                        "diffing": block})
 
-
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("LMLAB_STORE_DIR", str(tmp_path / ".lmlab"))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    yield tmp_path
-    mlflow.set_tracking_uri(previous)

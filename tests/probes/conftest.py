@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from lmlab.models import tiny_model
@@ -28,16 +27,6 @@ def chain_file(tmp_path: Path, sample_records: list[dict]) -> Path:
     path.write_text(json.dumps(sample_records[:30]))
     return path
 
-
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh sqlite tracking store and lmlab store dir under tmp_path."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("LMLAB_STORE_DIR", str(tmp_path / ".lmlab"))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    yield tmp_path
-    mlflow.set_tracking_uri(previous)
 
 
 def record(task_id: str, chain: str, annotated: str, problem: str = "What is 2 + 3?") -> dict:
