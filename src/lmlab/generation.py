@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmlab.hooks import Edit, Positions, padded_positions, residual_hooks
+from lmlab.kv_cache import growing
 from lmlab.models import LoadedModel
 
 StopReason = Literal["eos", "length"]
@@ -223,7 +224,7 @@ def _encode_start(lm: LoadedModel, tokens: list[int], edits: Mapping[int, Edit] 
     with residual_hooks(lm, edits, positions=positions, prompt_len=len(tokens) + 1):
         out = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                        logits_to_keep=1)
-    return _returned_cache(out)
+    return growing(_returned_cache(out))
 
 
 def _encode_rest(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, shared: int, start: Any,
@@ -241,7 +242,7 @@ def _encode_rest(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, shared:
             out = lm.model(input_ids=ids[:, shared:-1], attention_mask=mask[:, :-1],
                            position_ids=padded_positions(mask)[:, shared:-1], use_cache=True,
                            logits_to_keep=1, **given)
-        cache = _returned_cache(out)
+        cache = growing(_returned_cache(out))
     return cache
 
 
