@@ -246,10 +246,22 @@ class PassCounter:
         self.scoring_columns = 0
         self.split_evaluations = 0
         self.prompts_scored = 0
+        # The work done, every pass of the sweep, padding included: token columns through
+        # the decoder blocks, and columns through the output head (often only the last).
+        self.all_columns = 0
+        self.head_columns = 0
+        self.gflop_per_token = float("nan")
+        self.gflop_head = float("nan")
+
+    def head_hook(self, module: Any, args: tuple) -> None:
+        hidden = args[0]
+        self.head_columns += int(hidden.numel() // hidden.shape[-1])
 
     def hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         where = self.phases.stack[-1] if self.phases.stack else ""
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.all_columns += int(ids.shape[0]) * int(ids.shape[1])
         if ids is None or where not in ("scoring", "generation"):
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -267,7 +279,9 @@ class PassCounter:
         return {"split_evaluations": self.split_evaluations,
                 "prompt_encodings_per_split_evaluation": self.encoded_rows / n,
                 "continuation_passes_per_split_evaluation": self.continuation_rows / n,
-                "scoring_token_columns_per_prompt": self.scoring_columns / n}
+                "scoring_token_columns_per_prompt": self.scoring_columns / n,
+                "token_columns_computed": self.all_columns,
+                "head_columns_computed": self.head_columns}
 
 
 def sweep_child(spec_path: Path, tiny: bool) -> dict[str, Any]:
@@ -293,6 +307,10 @@ def sweep_child(spec_path: Path, tiny: bool) -> dict[str, Any]:
 
     def counted_load(*args: Any, **kwargs: Any) -> Any:
         lm = original_load(*args, **kwargs)
+        config = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+        counter.gflop_head = 2.0 * config.hidden_size * config.vocab_size / 1e9
+        counter.gflop_per_token = flops_per_token(lm.model.config) / 1e9 - counter.gflop_head
+        lm.model.get_output_embeddings().register_forward_pre_hook(counter.head_hook)
         decoder_backbone(lm.model).register_forward_pre_hook(counter.hook, with_kwargs=True)
         return lm
 
@@ -315,6 +333,7 @@ def sweep_child(spec_path: Path, tiny: bool) -> dict[str, Any]:
             "process_seconds": time.perf_counter() - process_start,
             "phases_wall": wall, "phases_cpu": phases.cpu, "passes": counter.figures(),
             "conditions": len(outcome.summary), "threads": threads(), "load_end": load(),
+            "gflop_per_token_blocks": counter.gflop_per_token, "gflop_head": counter.gflop_head,
             "lmlab": __import__("lmlab").__file__}
 
 
@@ -392,6 +411,8 @@ def markdown(figures: dict[str, Any]) -> str:
         lines.append("")
     if "sweep" in figures:
         lines += sweep_markdown(figures["sweep"])
+        if "limit" in figures:
+            lines += floor_markdown(figures["sweep"], figures["limit"])
     return "\n".join(lines) + "\n"
 
 
@@ -410,6 +431,23 @@ def sweep_markdown(sweep: dict[str, Any]) -> list[str]:
     if "sweep_time_ratio_before_over_after" in sweep:
         lines.append(f"\nsweep time before / after: {sweep['sweep_time_ratio_before_over_after']:.2f}x")
     return lines + [""]
+
+
+def compute_floor_seconds(run: dict[str, Any], limit: dict[str, Any]) -> float:
+    """The sweep's model work (token columns through the blocks and through the output
+    head, x their FLOPs) at the matmul peak: no sweep doing that work is faster here."""
+    work = (run["passes"]["token_columns_computed"] * run["gflop_per_token_blocks"]
+            + run["passes"]["head_columns_computed"] * run["gflop_head"])
+    return work / limit["matmul_fp32"]["gflops"]
+
+
+def floor_markdown(sweep: dict[str, Any], limit: dict[str, Any]) -> list[str]:
+    run = sweep["after"]
+    if "token_columns_computed" not in run["passes"]:
+        return []
+    floor = compute_floor_seconds(run, limit)
+    return [f"compute floor (the sweep's matmul FLOPs / the matmul peak): {floor:.1f} s; "
+            f"the sweep ran at {floor / run['sweep_seconds']:.0%} of the peak", ""]
 
 
 def main() -> None:
