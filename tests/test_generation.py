@@ -260,6 +260,14 @@ def test_scoring_in_row_chunks_gives_the_same_scores(llama_lm: LoadedModel,
         torch.testing.assert_close(a.log_distributions, b.log_distributions, rtol=0, atol=1e-5)
 
 
+def test_row_chunks_stay_within_the_logits_budget_at_near_equal_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generation, "MAX_PASS_LOGITS", 55 * 10 * 100)
+    sizes = [c.stop - c.start for c in generation._row_chunks(60, 10, 100)]
+    assert sizes == [30, 30]
+    sizes = [c.stop - c.start for c in generation._row_chunks(111, 10, 100)]
+    assert sum(sizes) == 111 and max(sizes) <= 55 and max(sizes) - min(sizes) <= 1
+
+
 def test_the_start_all_prompts_share_is_encoded_once(llama_lm: LoadedModel) -> None:
     prompts = chat(llama_lm)
     lengths = [len(llama_lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]

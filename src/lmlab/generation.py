@@ -466,8 +466,12 @@ def _vocab_size(lm: LoadedModel) -> int:
 
 
 def _row_chunks(rows: int, columns: int, vocab: int) -> list[slice]:
-    step = max(1, MAX_PASS_LOGITS // (columns * vocab))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+    """Row chunks within ``MAX_PASS_LOGITS``, of near-equal size (60 rows at a limit of
+    55 are 30 + 30, not 55 + an inefficient 5)."""
+    most = max(1, MAX_PASS_LOGITS // (columns * vocab))
+    chunks = -(-rows // most)
+    size = -(-rows // chunks)
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def _score_rows(lm: LoadedModel, encoded: EncodedPrompts, batch: PromptBatch, part: slice,
