@@ -268,6 +268,26 @@ def test_row_chunks_stay_within_the_logits_budget_at_near_equal_sizes(monkeypatc
     assert sum(sizes) == 111 and max(sizes) <= 55 and max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("positions", ["all", "prompt", "generation"])
+def test_a_batch_encoded_a_few_rows_at_a_time_gives_the_one_pass_results(any_lm: LoadedModel, positions: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = [any_lm.format_chat(p) for p in PROMPTS + ["Hi", "Write one long sentence about rivers and the sea."]]
+    edits = moderate_edit(any_lm)
+
+    def run() -> tuple[list, list]:
+        encoded = encode_prompts(any_lm, prompts, edits, positions, batch_size=len(prompts))  # type: ignore[arg-type]
+        completions = generate(any_lm, encoded, greedy())
+        return completions, score_after(any_lm, encoded, [" Mix flour, water"] * len(prompts))
+
+    monkeypatch.setattr(generation, "ENCODE_BUCKET_ROWS", 2)  # three buckets of different widths
+    bucketed, bucketed_scores = run()
+    monkeypatch.setattr(generation, "ENCODE_BUCKET_ROWS", 100)
+    whole, whole_scores = run()
+    assert [c.token_ids for c in bucketed] == [c.token_ids for c in whole]
+    for a, b in zip(bucketed_scores, whole_scores):
+        torch.testing.assert_close(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-5)
+
+
 def test_the_start_all_prompts_share_is_encoded_once(llama_lm: LoadedModel) -> None:
     prompts = chat(llama_lm)
     lengths = [len(llama_lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmlab.hooks import Edit, Positions, padded_positions, residual_hooks
-from lmlab.kv_cache import growing
+from lmlab.kv_cache import GrowingLayer, growing
 from lmlab.models import LoadedModel
 
 StopReason = Literal["eos", "length"]
@@ -188,9 +188,56 @@ def encode_prompts(
     batches = []
     for rows in _batches(order, batch_size):
         ids, mask = _layout(lm, [token_ids[i] for i in rows], shared)
-        cache = _encode_rest(lm, ids, mask, shared, start, edits, positions)
+        cache = _encode_in_buckets(lm, [token_ids[i] for i in rows], shared, start, edits, positions)
         batches.append(PromptBatch(list(rows), ids, mask, cache))
     return EncodedPrompts(list(prompts), batches, dict(edits or {}), positions)
+
+
+#: Rows per encoding pass inside a batch. A batch's rows are sorted by length, so a few
+#: rows at a time pad little; their caches are then joined into the batch's (the padding
+#: a long batch needs is added as masked columns, not computed).
+ENCODE_BUCKET_ROWS = 8
+
+
+def _encode_in_buckets(lm: LoadedModel, rows: list[list[int]], shared: int, start: Any,
+                       edits: Mapping[int, Edit] | None, positions: Positions) -> Any:
+    """The cache of one batch (rows sorted longest first), encoded ``ENCODE_BUCKET_ROWS``
+    rows at a time and joined; one pass when the rows fit one bucket or the model's cache
+    has layers other than plain growing ones (sliding windows keep their own layout)."""
+    width = max(len(r) for r in rows)
+    if len(rows) <= ENCODE_BUCKET_ROWS:
+        return _encode_rest(lm, *_layout(lm, rows, shared), shared, start, edits, positions)
+    parts = []
+    for first in range(0, len(rows), ENCODE_BUCKET_ROWS):
+        bucket = rows[first:first + ENCODE_BUCKET_ROWS]
+        ids, mask = _layout(lm, bucket, shared)
+        parts.append((_encode_rest(lm, ids, mask, shared, start, edits, positions), ids.shape[1]))
+    if any(cache is None or not all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+           for cache, _ in parts):
+        return _encode_rest(lm, *_layout(lm, rows, shared), shared, start, edits, positions)
+    return _joined_caches(parts, width, shared)
+
+
+def _joined_caches(parts: list[tuple[Any, int]], width: int, shared: int) -> Any:
+    """One cache of width ``width - 1`` from caches of ``(cache, bucket width)``: each
+    bucket's missing columns are masked zeros after the shared start, which is where
+    :func:`_layout` puts a row's padding."""
+    joined = parts[0][0]
+    for index, layer in enumerate(joined.layers):
+        keys, values = [], []
+        for cache, bucket_width in parts:
+            own = cache.layers[index]
+            keys.append(_padded_after(own.keys, shared, width - bucket_width))
+            values.append(_padded_after(own.values, shared, width - bucket_width))
+        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+    return joined
+
+
+def _padded_after(states: torch.Tensor, column: int, gap: int) -> torch.Tensor:
+    if gap == 0:
+        return states
+    pad = states.new_zeros((*states.shape[:-2], gap, states.shape[-1]))
+    return torch.cat([states[..., :column, :], pad, states[..., column:, :]], dim=-2)
 
 
 def _shared_start(token_ids: list[list[int]]) -> int:
