@@ -83,8 +83,8 @@ def test_sweep_has_one_parent_with_a_child_per_condition_and_a_summary(store: Pa
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id,
                                                               artifact_path="summary.csv"))
     assert (summary["intervention"] == "none").sum() == 1, "baseline row must be in summary.csv"
-    assert {"harm_test/refusal", "harm_test/refusal_lo", "harm_test/refusal_hi", "harm_test/empty",
-            "harm_test/refusal_diff", "harm_test/refusal_diff_p", "benign/cost",
+    assert {"harm_test/refusal", "harm_test/refusal_ci_lo", "harm_test/refusal_ci_hi",
+            "harm_test/empty", "harm_test/refusal_diff", "harm_test/refusal_diff_p", "benign/cost",
             "benign/kl"} <= set(summary.columns)
 
 

@@ -60,7 +60,7 @@ def test_a_sweep_lands_in_its_familys_experiment_under_a_dated_name(store: Path)
     # The parent answers "what did this sweep find" with an interval.
     metrics = parent.data.metrics
     for name in ("headline/refusal_gain_vs_random", "headline/refusal", "headline/benign_cost"):
-        assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"]
+        assert metrics[f"{name}_ci_lo"] <= metrics[name] <= metrics[f"{name}_ci_hi"]
     assert parent.data.tags["lmlab.headline"].startswith("suffix_contrast add layer 1")
 
 
@@ -125,7 +125,8 @@ def test_headline_picks_the_largest_gain_over_the_matched_control() -> None:
     assert found["headline/refusal_gain_vs_random"] == pytest.approx(0.5)
     assert found["headline/refusal"] == pytest.approx(0.6)
     assert found["headline/benign_cost"] == pytest.approx(0.1)
-    assert found["headline/refusal_gain_vs_random_lo"] < 0.5 < found["headline/refusal_gain_vs_random_hi"]
+    gain = "headline/refusal_gain_vs_random"
+    assert found[f"{gain}_ci_lo"] < 0.5 < found[f"{gain}_ci_hi"]
     assert tags["lmlab.headline_run"] == "suffix_contrast0.25"
 
 
@@ -183,7 +184,7 @@ def test_longmemeval_headline_is_focused_against_full_accuracy() -> None:
     found, _ = context_headline({**focused.to_dict("focused_accuracy"),
                                  **full.to_dict("full_accuracy")}, {})
     assert found["headline/accuracy_shortest"] == pytest.approx(2 / 3)
-    assert found["headline/accuracy_longest_hi"] == pytest.approx(full.upper)
+    assert found["headline/accuracy_longest_ci_hi"] == pytest.approx(full.upper)
     assert found["headline/accuracy_longest_n"] == 3
 
 

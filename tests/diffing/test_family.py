@@ -56,8 +56,8 @@ def test_a_tiny_sweep_runs_end_to_end_with_a_child_per_organism_and_prompt_set(
     for convention in ("same_text", "own_text"):
         for stat in ("mean", "max_token", "top3_mean", "trend", "top_clause"):
             name = f"{convention}/scaled/L0/praise/{stat}"
-            assert {name, f"{name}_lo", f"{name}_hi"} <= set(metrics)
-            assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"]
+            assert {name, f"{name}_ci_lo", f"{name}_ci_hi"} <= set(metrics)
+            assert metrics[f"{name}_ci_lo"] <= metrics[name] <= metrics[f"{name}_ci_hi"]
     assert metrics["replay/pairs_checked"] == 4
     assert "same_text/scaled/L2/random/mean" in metrics
     assert run.data.tags["planted_trait"] == "praise"

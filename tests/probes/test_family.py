@@ -77,7 +77,7 @@ def test_every_layer_and_lag_is_a_child_run_with_metrics_and_a_probe(swept):
     for child in children:
         lag = int(child.data.params["lag"])
         assert f"lag{lag}" in child.info.run_name
-        assert {"test_auroc", "test_auroc_lo", "test_pr_auc", "token_test_auroc",
+        assert {"test_auroc", "test_auroc_ci_lo", "test_pr_auc", "token_test_auroc",
                 "shuffled_test_auroc", "threshold", "base_rate"} <= set(child.data.metrics)
         artifacts = [a.path for a in client.list_artifacts(child.info.run_id)]
         assert f"probe_layer{child.data.params['layer']}_lag{lag}" in artifacts
@@ -151,7 +151,7 @@ def test_every_probe_has_its_baselines_gains_and_convergence_beside_it(swept, tm
         assert {"converged", "fits_unconverged", "fit_iterations", "probe_minus_token_test_pr_auc",
                 "problems_test"} <= set(metrics)
         assert ("persistence_test_auroc" in metrics) == (lag != 0)
-        assert ("probe_minus_persistence_test_pr_auc_lo" in metrics) == (lag != 0)
+        assert ("probe_minus_persistence_test_pr_auc_ci_lo" in metrics) == (lag != 0)
         assert child.data.tags["fit_converged"] in ("true", "false")
     import pandas as pd
 
@@ -219,9 +219,10 @@ def test_the_parent_shows_the_champion_against_the_stronger_baseline(swept):
     assert metrics[f"{prefix}_test_pr_auc"] == pytest.approx(best["test_pr_auc"])
     stronger = max(best["token_test_pr_auc"], best["persistence_test_pr_auc"])
     assert metrics[f"{prefix}_baseline_test_pr_auc"] == pytest.approx(stronger)
-    gain = metrics[f"{prefix}_gain_over_baseline"]
+    name = f"{prefix}_gain_over_baseline"
+    gain = metrics[name]
     assert gain == pytest.approx(best["test_pr_auc"] - stronger)
-    assert metrics[f"{prefix}_gain_over_baseline_lo"] <= gain <= metrics[f"{prefix}_gain_over_baseline_hi"]
+    assert metrics[f"{name}_ci_lo"] <= gain <= metrics[f"{name}_ci_hi"]
 
 
 def test_register_all_registers_every_probe(tracking, sample_records, tiny_lm):

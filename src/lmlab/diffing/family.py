@@ -41,6 +41,7 @@ from lmlab.errors import LmlabError
 from lmlab.hooks import check_layers
 from lmlab.identity import path_digest
 from lmlab.models import LoadedModel, load_model
+from lmlab.stats import CI_HI, CI_LO, N
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 
 ARTIFACT_DIR = "diffing"
@@ -381,7 +382,8 @@ class DiffingFamily(Family):
                         & (~shifts["trait"].map(analysis.is_random) | (shifts["trait"] == RANDOM))]
         for row in chosen.itertuples():
             name = f"{row.convention}/{unit}/L{row.layer}/{row.trait}/{row.stat}"
-            metrics.update({name: row.estimate, f"{name}_lo": row.lo, f"{name}_hi": row.hi})
+            metrics.update({name: row.estimate, name + CI_LO: row.estimate_ci_lo,
+                            name + CI_HI: row.estimate_ci_hi})
         metrics.update(pipeline.behaviour_rates(data))
         return metrics
 
@@ -517,7 +519,7 @@ class DiffingFamily(Family):
 
     def _behaviour_table(self, summary: pd.DataFrame) -> pd.DataFrame | None:
         columns = [c for c in summary.columns if c.startswith("behaviour/")
-                   and not c.endswith(("_lo", "_hi", "_n"))]
+                   and not c.endswith((CI_LO, CI_HI, N))]
         if not columns:
             return None
         frame = summary.groupby("organism")[columns].mean().reset_index()

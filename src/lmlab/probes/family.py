@@ -33,6 +33,7 @@ from lmlab.probes.registry import (CHAMPION, artifact_name, existing_version, lo
                                    register_probe, registered_name, save_probe)
 from lmlab.probes.train import LayerResult, Probe, TrainConfig, build_layer_data, split_groups, \
     train_layer
+from lmlab.stats import CI_HI, CI_LO, current_names
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 
 GRID_KEYS = ("label", "layer", "lag")
@@ -45,8 +46,8 @@ LEAD_COLUMNS = ["label", "layer", "lag", "train_accuracy", "val_accuracy", "test
                 "token_test_f1", "persistence_test_auroc", "persistence_test_pr_auc",
                 "persistence_test_f1", "shuffled_test_auroc", "shuffled_test_pr_auc",
                 "shuffled_test_f1", "probe_minus_token_test_pr_auc",
-                "probe_minus_token_test_pr_auc_lo", "probe_minus_persistence_test_pr_auc",
-                "probe_minus_persistence_test_pr_auc_lo", "beats_baselines", "converged",
+                "probe_minus_token_test_pr_auc_ci_lo", "probe_minus_persistence_test_pr_auc",
+                "probe_minus_persistence_test_pr_auc_ci_lo", "beats_baselines", "converged",
                 "fits_unconverged", "chains_test", "problems_test"]
 PLOTTED = ("test_auroc", "test_pr_auc", "test_f1")
 # Plan estimates. The plan is printed before the model loads, so they start from the
@@ -365,7 +366,9 @@ class ProbesFamily(Family):
         stored, tensors = ctx.cache.get_json("probes", key), ctx.cache.get_tensors("probes", key)
         if stored is None or tensors is None:
             return None
-        result = LayerResult(layer, label, {int(k): v for k, v in stored["metrics"].items()})
+        # Fits stored before intervals were named ``_ci_lo`` / ``_ci_hi`` read as current.
+        result = LayerResult(layer, label, {int(k): current_names(v)
+                                            for k, v in stored["metrics"].items()})
         for lag_text, scalars in stored["scalars"].items():
             lag = int(lag_text)
             result.probes[lag] = Probe(layer, lag, label, tensors[f"{lag}/weight"].numpy(),
@@ -502,9 +505,9 @@ BASELINES = ("token", "persistence")
 
 def _with_interval(row: Mapping[str, Any], column: str, name: str) -> dict[str, float]:
     out = {name: float(row[column])}
-    for end in ("lo", "hi"):
-        if f"{column}_{end}" in row and pd.notna(row[f"{column}_{end}"]):
-            out[f"{name}_{end}"] = float(row[f"{column}_{end}"])
+    for end in (CI_LO, CI_HI):
+        if column + end in row and pd.notna(row[column + end]):
+            out[name + end] = float(row[column + end])
     return out
 
 

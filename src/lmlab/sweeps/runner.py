@@ -35,6 +35,7 @@ from lmlab.cache import DiskCache
 from lmlab.errors import LmlabError
 from lmlab.identity import condition_identity, model_identity, path_digest
 from lmlab.runtime import apply_threads
+from lmlab.stats import CI_HI, CI_LO, N, P
 from lmlab.ui import runs_url, share_view, ui_command
 from lmlab.sweeps.claims import (TOKEN_TAG, Claim, Coordinator, HeartbeatSettings, StudyStorage,
                                  open_storage, worker_owner)
@@ -699,7 +700,7 @@ class SweepRunner:
             self.tracker.log_table(parent, summary, "summary")
         self._log_result(parent, result)
         return [name for name in result.metrics if name.startswith(HEADLINE_PREFIX)
-                and not name.endswith(("_n", "_p"))]
+                and not name.endswith((N, P))]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -844,10 +845,10 @@ def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutco
 def headline_columns(names: list[str]) -> list[str]:
     """The runs-table columns of a family's headline: every value, and the interval of the
     first (the sweep's main finding) beside it."""
-    values = [n for n in names if not n.endswith(("_lo", "_hi"))]
+    values = [n for n in names if not n.endswith((CI_LO, CI_HI))]
     if not values:
         return []
-    first = [f"{values[0]}{end}" for end in ("_lo", "_hi") if f"{values[0]}{end}" in names]
+    first = [values[0] + end for end in (CI_LO, CI_HI) if values[0] + end in names]
     return [values[0], *first, *values[1:]]
 
 
