@@ -26,6 +26,13 @@ from scipy import stats as sps
 CONFIDENCE = 0.95
 #: What follows a metric's name in the names of its interval bounds, unit count and p-value.
 CI_LO, CI_HI, N, P = "_ci_lo", "_ci_hi", "_n", "_p"
+
+
+def with_interval(name: str) -> tuple[str, str, str]:
+    """``name`` and the names of its interval bounds."""
+    return name, name + CI_LO, name + CI_HI
+
+
 #: The interval suffixes of runs and caches written before the bounds were named CI_LO / CI_HI.
 OLD_BOUNDS = (("_lo", CI_LO), ("_hi", CI_HI))
 
