@@ -14,6 +14,7 @@ from lmlab.probes.view import render_html, score_text
 from lmlab.sweeps import runner as sweep_runner
 from lmlab.sweeps.family import family_for
 from lmlab.sweeps.spec import parse_spec
+from lmlab.tracking import run_metrics
 
 LAYERS, LAGS = [0, 2], [-2, 0, 3]
 # predict is type-hinted and every probe carries an input example: MLflow's warnings asking
@@ -77,8 +78,11 @@ def test_every_layer_and_lag_is_a_child_run_with_metrics_and_a_probe(swept):
     for child in children:
         lag = int(child.data.params["lag"])
         assert f"lag{lag}" in child.info.run_name
-        assert {"test_auroc", "test_auroc_ci_lo", "test_pr_auc", "token_test_auroc",
-                "shuffled_test_auroc", "threshold", "base_rate"} <= set(child.data.metrics)
+        assert {"test_auroc", "test_auroc_ci_lo", "test_pr_auc", "val_pr_auc", "token_test_pr_auc",
+                "shuffled_test_pr_auc"} <= set(child.data.metrics)
+        # The rest is in the run's condition_metrics table.
+        assert {"token_test_auroc", "shuffled_test_auroc", "threshold", "base_rate"} <= \
+            set(run_metrics(client, child)) - set(child.data.metrics)
         artifacts = [a.path for a in client.list_artifacts(child.info.run_id)]
         assert f"probe_layer{child.data.params['layer']}_lag{lag}" in artifacts
 
@@ -147,7 +151,7 @@ def test_every_probe_has_its_baselines_gains_and_convergence_beside_it(swept, tm
                                   f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
     for child in children:
         lag = int(child.data.params["lag"])
-        metrics = child.data.metrics
+        metrics = run_metrics(client, child)
         assert {"converged", "fits_unconverged", "fit_iterations", "probe_minus_token_test_pr_auc",
                 "problems_test"} <= set(metrics)
         assert ("persistence_test_auroc" in metrics) == (lag != 0)
@@ -208,6 +212,32 @@ def test_a_rerun_reuses_finished_runs_and_the_activation_cache(swept, tiny_lm, c
     assert "30 of 30 chains already cached" in capsys.readouterr().out
     name = registered_name("backtracking", "tiny-llama")
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_a_fit_cached_with_the_old_interval_names_loads_under_the_new_ones(swept):
+    from types import SimpleNamespace
+
+    from lmlab.cache import DiskCache
+    from lmlab.tracking import cache_dir, store_dir
+
+    _, family, _, _ = swept
+    cache, layer = DiskCache(cache_dir(store_dir())), LAYERS[0]
+    key = family._probe_key("backtracking", layer)
+    stored = cache.get_json("probes", key)
+    def before(name: str) -> str:  # the name as lmlab wrote it before _ci_lo / _ci_hi
+        return name.replace("_ci_lo", "_lo").replace("_ci_hi", "_hi")
+
+    old = {lag: {before(name): v for name, v in metrics.items()}
+           for lag, metrics in stored["metrics"].items()}
+    assert "test_auroc_lo" in old[str(LAGS[0])]
+    cache.put_json("probes", key, {**stored, "metrics": old})
+    try:
+        loaded = family._load_layer(SimpleNamespace(cache=cache), key, "backtracking", layer)
+    finally:
+        cache.put_json("probes", key, stored)
+    fitted = family._layers[("backtracking", layer)]
+    assert {lag: set(m) for lag, m in loaded.metrics.items()} == \
+        {lag: set(m) for lag, m in fitted.metrics.items()}
 
 
 def test_the_parent_shows_the_champion_against_the_stronger_baseline(swept):

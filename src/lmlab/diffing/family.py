@@ -41,10 +41,16 @@ from lmlab.errors import LmlabError
 from lmlab.hooks import check_layers
 from lmlab.identity import path_digest
 from lmlab.models import LoadedModel, load_model
-from lmlab.stats import CI_HI, CI_LO, N
+from lmlab.stats import CI_HI, CI_LO, N, with_interval
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 
 ARTIFACT_DIR = "diffing"
+#: What a condition's run shows in the runs table besides each trait's mean shift (with its
+#: interval) in the detection cell and the behaviour rates; every other statistic, layer
+#: and convention is in its condition_metrics table.
+SHOWN = ("replay/pairs_checked", "responses", "responses_empty", "tokens/organism_mean",
+         "tokens/clean_mean", "stop/organism_eos_share", "stop/clean_eos_share")
+SHOWN_STAT = "mean"
 # Plan estimates for the embedded model on a shared 2-core CPU (bench/bench_diffing.py):
 # greedy generation at batch 16 and a forward pass through every layer, in tokens/s.
 GENERATION_TOKENS_PER_S = 60.0
@@ -364,6 +370,22 @@ class DiffingFamily(Family):
         """The detection method's traits and every vector from another family."""
         methods = {v.method for v in self._vectors} - set(self.settings.traits.methods)
         return [self.settings.analysis.detect_method, *sorted(methods)]
+
+    def logged_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """:data:`SHOWN`, the organism's and the clean model's behaviour rates, and every
+        trait's mean shift with its interval at the detection layer and convention."""
+        analysis_settings = self.settings.analysis
+        cell = (f"{analysis_settings.detect_convention}/{analysis_settings.unit}/"
+                f"L{self.settings.detect_layer}/")
+
+        def shown(name: str) -> bool:
+            if name.startswith(cell):
+                return name.rsplit("/", 1)[-1] in with_interval(SHOWN_STAT)
+            if name.startswith("behaviour/"):
+                return name.endswith(("_rate_organism", "_rate_clean"))
+            return name in SHOWN
+
+        return {name: value for name, value in metrics.items() if shown(name)}
 
     def _metrics(self, data: pipeline.ConditionData, shifts: pd.DataFrame) -> dict[str, float]:
         unit = self.settings.analysis.unit

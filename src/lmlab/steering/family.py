@@ -372,6 +372,9 @@ class SteeringFamily(Family):
     def summarize(self, ctx: SweepContext, summary: pd.DataFrame) -> ConditionResult:
         return summarize_sweep(summary)
 
+    def logged_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return shown_metrics(metrics)
+
     # ------------------------------------------------------------ one condition
     def direction_for(self, params: Mapping[str, Any]) -> dirs.Direction:
         return self.directions[(params["method"], params.get(CONTROL_FOR), int(params["layer"]))]
@@ -660,6 +663,28 @@ def judge_metrics(split: str, rows: list[dict[str, Any]], base: list[dict[str, A
     out.update(_agreement(split, ("judge", "phrase"), refused[judged], phrase[judged]))
     out.update(_agreement(split, ("judge", "likelihood"), refused[judged], likelihood[judged]))
     return out
+
+
+#: Per split, the metrics a child run shows in the runs table (``harm_test/refusal``, ...):
+#: the outcome shares (refusal with its interval), the paired refusal difference from the
+#: baseline with its interval and p-value, KL and fluency. The rest (every detector, its
+#: agreement, each n) is in the run's condition_metrics table.
+SHOWN_PER_SPLIT = (*stats.with_interval("refusal"), *(o for o in OUTCOMES if o != "refusal"),
+                   *stats.with_interval("refusal_diff"), "refusal_diff" + stats.P, "kl",
+                   "perplexity_median")
+SHOWN_PER_CONDITION = (*stats.with_interval("benign/cost"), "direction/relative_norm",
+                       "judge/cost_usd", "judge/calls")
+
+
+def shown_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The part of a condition's metrics its run shows (:data:`SHOWN_PER_SPLIT` for each
+    split, then :data:`SHOWN_PER_CONDITION`)."""
+    def shown(name: str) -> bool:
+        split, _, metric = name.partition("/")
+        return name in SHOWN_PER_CONDITION or (split in BUNDLED_SPLITS
+                                               and metric in SHOWN_PER_SPLIT)
+
+    return {name: value for name, value in metrics.items() if shown(name)}
 
 
 def judge_call_metrics(ledger: Ledger, reused_verdicts: int) -> dict[str, float]:
