@@ -291,7 +291,8 @@ def run_metrics(client: MlflowClient, run: Any) -> dict[str, float]:
                 path = client.download_artifacts(run.info.run_id, table, tmp)
                 with open(path, newline="") as handle:
                     metrics.update(metrics_from_table(list(csv.DictReader(handle))))
-        except Exception as error:  # the store's own errors, a deleted or unreadable file
+        except (mlflow.exceptions.MlflowException, OSError, csv.Error, KeyError,
+                ValueError) as error:  # the store's errors, a deleted or unreadable file
             raise LmlabError(f"run {run.info.run_id} keeps its metrics in {table}, which cannot "
                              f"be read ({first_line(error)}); delete the run to compute its "
                              "condition again") from error
