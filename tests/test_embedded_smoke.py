@@ -71,11 +71,12 @@ def test_suffix_contrast_raises_held_out_refusal_and_the_random_control_does_not
     control = row(summary, "random", 0.25)
     assert control["control_for"] == "suffix_contrast"
     # Non-overlapping 95% intervals on unseen, shifted harmful prompts.
-    assert steered["harm_test/refusal_lo"] > base["harm_test/refusal_hi"]
-    assert steered["harm_test/refusal_diff_lo"] > 0 and steered["harm_test/refusal_diff_p"] < 0.05
+    assert steered["harm_test/refusal_ci_lo"] > base["harm_test/refusal_ci_hi"]
+    assert steered["harm_test/refusal_diff_ci_lo"] > 0
+    assert steered["harm_test/refusal_diff_p"] < 0.05
     # Same norm, random direction: no increase distinguishable from the baseline.
-    assert control["harm_test/refusal_lo"] <= base["harm_test/refusal_hi"]
-    assert control["harm_test/refusal"] < steered["harm_test/refusal_lo"]
+    assert control["harm_test/refusal_ci_lo"] <= base["harm_test/refusal_ci_hi"]
+    assert control["harm_test/refusal"] < steered["harm_test/refusal_ci_lo"]
 
 
 def test_the_embedded_model_never_refuses_unsteered(smoke) -> None:  # type: ignore[no-untyped-def]

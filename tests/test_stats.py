@@ -11,6 +11,7 @@ from lmlab.stats import (
     Estimate,
     agreement,
     cluster_bootstrap,
+    current_names,
     mcnemar_exact_p,
     mean_with_interval,
     paired_difference,
@@ -125,10 +126,31 @@ def test_cluster_bootstrap_is_reproducible_with_a_seed() -> None:
     assert first != cluster_bootstrap(stat, clusters, n_resamples=200, seed=6)
 
 
-def test_estimate_to_dict_flattens_with_the_prefix() -> None:
-    flat = Estimate(0.5, 0.25, 0.75, 12).to_dict("refusal_rate")
-    assert flat == {"refusal_rate": 0.5, "refusal_rate_lo": 0.25, "refusal_rate_hi": 0.75,
-                    "refusal_rate_n": 12.0}
+def test_estimate_to_dict_names_the_interval_ci_lo_and_ci_hi_beside_the_value() -> None:
+    flat = Estimate(0.5, 0.25, 0.75, 12).to_dict("harm_test/refusal")
+    assert flat == {"harm_test/refusal": 0.5, "harm_test/refusal_ci_lo": 0.25,
+                    "harm_test/refusal_ci_hi": 0.75, "harm_test/refusal_n": 12.0}
+
+
+def test_estimate_from_dict_reads_back_what_to_dict_wrote() -> None:
+    estimate = Estimate(0.5, 0.25, 0.75, 12)
+    assert Estimate.from_dict(estimate.to_dict("x"), "x") == estimate
+    missing = Estimate.from_dict({"x": 0.5}, "x")
+    assert missing.value == 0.5 and math.isnan(missing.lower) and missing.n == 0
+
+
+def test_old_interval_names_read_as_current_ones() -> None:
+    old = {"harm_test/refusal": 0.5, "harm_test/refusal_lo": 0.25, "harm_test/refusal_hi": 0.75,
+           "harm_test/refusal_n": 12.0, "test_auroc": 0.9, "test_auroc_lo": 0.8}
+    assert current_names(old) == {"harm_test/refusal": 0.5, "harm_test/refusal_ci_lo": 0.25,
+                                  "harm_test/refusal_ci_hi": 0.75, "harm_test/refusal_n": 12.0,
+                                  "test_auroc": 0.9, "test_auroc_ci_lo": 0.8}
+
+
+def test_a_name_ending_in_lo_is_kept_when_it_is_no_interval_or_the_current_name_exists() -> None:
+    assert current_names({"planted_lo": 1.0}) == {"planted_lo": 1.0}  # no value "planted"
+    both = {"x": 0.5, "x_lo": 0.1, "x_ci_lo": 0.2}
+    assert current_names(both) == both
 
 
 def test_estimates_overlap_only_when_their_intervals_meet() -> None:
@@ -200,8 +222,8 @@ def test_exact_mcnemar_p_values(b: int, c: int, p: float) -> None:
 
 def test_paired_rate_difference_flattens_with_its_p_value() -> None:
     flat = paired_rate_difference(*_pairs(0, 6, 0, 4)).to_dict("refusal_diff")
-    assert set(flat) == {"refusal_diff", "refusal_diff_lo", "refusal_diff_hi", "refusal_diff_n",
-                         "refusal_diff_p"}
+    assert set(flat) == {"refusal_diff", "refusal_diff_ci_lo", "refusal_diff_ci_hi",
+                         "refusal_diff_n", "refusal_diff_p"}
     assert flat["refusal_diff_p"] == pytest.approx(2 * 0.5**6)
 
 

@@ -163,7 +163,7 @@ def test_split_metrics_give_a_paired_interval_with_width_when_nothing_changed() 
     rows = [_row("refusal", phrase=True)] * 5 + [_row("compliance")] * 15
     metrics = split_metrics("harm_test", rows, rows)
     assert metrics["harm_test/refusal_diff"] == 0.0
-    assert metrics["harm_test/refusal_diff_lo"] < 0 < metrics["harm_test/refusal_diff_hi"]
+    assert metrics["harm_test/refusal_diff_ci_lo"] < 0 < metrics["harm_test/refusal_diff_ci_hi"]
     assert metrics["harm_test/refusal_diff_p"] == 1.0
 
 

@@ -22,7 +22,7 @@ from lmlab.steering.family import judge_metrics
 from lmlab.steering.judging import judge_completions
 from lmlab.sweeps.runner import run_sweep
 from lmlab.sweeps.spec import parse_spec
-from lmlab.tracking import PARENT_TAG
+from lmlab.tracking import PARENT_TAG, run_metrics
 
 
 class Scripted(Client):
@@ -207,10 +207,13 @@ def test_a_litellm_judge_logs_its_calls_cost_and_agreement_and_buys_each_verdict
     assert baseline.data.metrics["judge/cost_usd"] == pytest.approx(6 * (100 * 1.0 + 10 * 2.0) / 1e6)
     assert baseline.data.tags["steering.judge_cost_source"] == "price_table"
     steered = [r for r in runs if r.data.params["intervention"] == "add"]
-    assert all(r.data.metrics["judge/cached"] >= 6 for r in steered), "baseline verdicts reused"
-    for run in runs:
+    every = {r.info.run_id: run_metrics(MlflowClient(), r) for r in runs}
+    assert all(every[r.info.run_id]["judge/cached"] >= 6 for r in steered), \
+        "baseline verdicts reused"
+    for metrics in every.values():
         assert {"harm_test/refusal_judge", "harm_test/agreement_judge_phrase",
-                "harm_test/kappa_judge_likelihood", "benign/agreement_judge_likelihood"} <= set(run.data.metrics)
+                "harm_test/kappa_judge_likelihood",
+                "benign/agreement_judge_likelihood"} <= set(metrics)
 
 
 def test_a_spent_judge_budget_stops_cleanly_and_a_rerun_buys_only_missing_verdicts(store: Path) -> None:
@@ -246,7 +249,7 @@ def test_the_judges_operational_settings_stay_out_of_the_condition_key() -> None
 def test_a_local_judge_runs_the_sweeps_own_model(store: Path) -> None:
     outcome = run_sweep(judged_spec({"model": "local"}))
     baseline = [r for r in child_runs(outcome) if r.data.params["intervention"] == "none"][0]
-    metrics = baseline.data.metrics
+    metrics = run_metrics(MlflowClient(), baseline)
     assert metrics["judge/calls"] == 6
     # A random tiny model cannot answer in the format: every verdict is flagged, none guessed.
     assert metrics["harm_test/judge_off_format"] + metrics["harm_test/refusal_judge_n"] == 3

@@ -19,8 +19,8 @@ def summary_rows() -> pd.DataFrame:
         if control_for:
             row["control_for"] = control_for
         for split in ("harm_test", "benign"):
-            row.update({f"{split}/refusal": refusal, f"{split}/refusal_lo": refusal / 2,
-                        f"{split}/refusal_hi": (1 + refusal) / 2, f"{split}/empty": empty,
+            row.update({f"{split}/refusal": refusal, f"{split}/refusal_ci_lo": refusal / 2,
+                        f"{split}/refusal_ci_hi": (1 + refusal) / 2, f"{split}/empty": empty,
                         f"{split}/degenerate": 0.0, f"{split}/compliance": 1 - refusal - empty})
         row["benign/cost"] = refusal + empty
         return row

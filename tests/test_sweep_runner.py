@@ -18,11 +18,14 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lmlab import stats
 from lmlab.errors import LmlabError
-from lmlab.steering.family import SteeringFamily
+from lmlab.steering.family import SteeringFamily, shown_metrics
+from lmlab.sweeps.family import ConditionResult
 from lmlab.sweeps.runner import run_sweep
 from lmlab.sweeps.spec import parse_spec
-from lmlab.tracking import FAILURE_TAG, KEY_TAG, PARENT_TAG, condition_key
+from lmlab.tracking import (FAILURE_TAG, KEY_TAG, METRICS_TAG, PARENT_TAG, condition_key,
+                            metrics_from_table, metrics_table, run_metrics)
 
 TINY_SPEC = {
     "family": "steering",
@@ -83,8 +86,8 @@ def test_sweep_has_one_parent_with_a_child_per_condition_and_a_summary(store: Pa
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=outcome.parent_run_id,
                                                               artifact_path="summary.csv"))
     assert (summary["intervention"] == "none").sum() == 1, "baseline row must be in summary.csv"
-    assert {"harm_test/refusal", "harm_test/refusal_lo", "harm_test/refusal_hi", "harm_test/empty",
-            "harm_test/refusal_diff", "harm_test/refusal_diff_p", "benign/cost",
+    assert {"harm_test/refusal", "harm_test/refusal_ci_lo", "harm_test/refusal_ci_hi",
+            "harm_test/empty", "harm_test/refusal_diff", "harm_test/refusal_diff_p", "benign/cost",
             "benign/kl"} <= set(summary.columns)
 
 
@@ -117,6 +120,84 @@ def test_rerunning_a_spec_reuses_every_finished_condition(store: Path, monkeypat
     assert calls == []
     assert children(second) == []
     assert second.summary["reused"].all() and len(second.summary) == 5
+
+
+def assert_same_rows(first: pd.DataFrame, again: pd.DataFrame) -> None:
+    """Two sweeps' summaries hold the same rows, whether computed or reused."""
+    pd.testing.assert_frame_equal(first.drop(columns="reused"), again.drop(columns="reused"))
+
+
+def headline_of(outcome) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    metrics = MlflowClient().get_run(outcome.parent_run_id).data.metrics
+    return {name: value for name, value in metrics.items() if name.startswith("headline/")}
+
+
+def test_a_child_run_shows_the_familys_subset_and_its_table_holds_every_metric(store: Path) -> None:
+    outcome = run_sweep(spec_with())
+    client = MlflowClient()
+    steered = [r for r in children(outcome) if r.data.params["method"] == "suffix_contrast"][0]
+    every = run_metrics(client, steered)
+    row = outcome.summary.set_index("run_id").loc[steered.info.run_id]
+    assert every == {name: row[name] for name in every}, "the table holds what the sweep computed"
+    assert steered.data.metrics == shown_metrics(every)
+    assert {"harm_test/refusal", "benign/cost"} <= set(steered.data.metrics)  # the objectives
+    assert {"harm_test/refusal_phrase_ci_lo", "harm_test/refusal_likelihood_diff_p",
+            "harm_test/refusal_n"} <= set(every) - set(steered.data.metrics)
+    assert steered.data.tags[METRICS_TAG] == "condition_metrics.csv"
+    table = client.load_table(outcome.experiment_id, "tables/condition_metrics.json",
+                              run_ids=[steered.info.run_id])
+    refusal = table.set_index("metric").loc["harm_test/refusal"]
+    assert (refusal["value"], refusal["ci_lo"], refusal["n"]) == pytest.approx(
+        (every["harm_test/refusal"], every["harm_test/refusal_ci_lo"],
+         every["harm_test/refusal_n"]))
+
+
+def test_a_steering_child_shows_at_most_40_metrics_with_three_splits(store: Path) -> None:
+    spec = spec_with(grid={**TINY_SPEC["grid"], "alpha": [1.0]},
+                     steering={**TINY_SPEC["steering"],
+                               "eval_splits": ["harm_train", "harm_test", "benign"]})
+    runs = children(run_sweep(spec))
+    counts = {r.data.params["method"]: len(r.data.metrics) for r in runs}
+    assert counts == {"none": 39, "suffix_contrast": 40, "random": 40}
+    steered = next(r for r in runs if r.data.params["method"] == "suffix_contrast")
+    for split in ("harm_train", "harm_test", "benign"):
+        assert {f"{split}/refusal_ci_lo", f"{split}/refusal_diff_p", f"{split}/kl",
+                f"{split}/perplexity_median", f"{split}/empty"} <= set(steered.data.metrics)
+    assert len(run_metrics(MlflowClient(), steered)) > 120
+
+
+def test_a_rerun_reads_every_metric_back_so_its_summary_and_headline_match(store: Path) -> None:
+    first = run_sweep(spec_with())
+    again = run_sweep(spec_with())
+    assert again.summary["reused"].all()
+    assert_same_rows(first.summary, again.summary)
+    assert headline_of(again) == headline_of(first)
+    assert "headline/refusal_gain_vs_random_ci_lo" in headline_of(again)
+
+
+def test_runs_logged_with_the_old_interval_names_are_reused_under_the_new_ones(
+        store: Path, monkeypatch) -> None:
+    def old_names(self, prefix):  # type: ignore[no-untyped-def]
+        return {prefix: self.value, f"{prefix}_lo": self.lower, f"{prefix}_hi": self.upper,
+                f"{prefix}_n": float(self.n)}
+
+    with monkeypatch.context() as before:  # runs as lmlab logged them before _ci_lo / _ci_hi
+        before.setattr(stats.Estimate, "to_dict", old_names)
+        before.setattr(SteeringFamily, "logged_metrics", lambda self, metrics: dict(metrics))
+        before.setattr(SteeringFamily, "summarize", lambda self, ctx, summary: ConditionResult({}))
+        old = run_sweep(spec_with())
+    assert "harm_test/refusal_lo" in children(old)[0].data.metrics
+    calls = count_condition_calls(monkeypatch)
+    again = run_sweep(spec_with())
+    assert calls == []
+    columns = set(again.summary.columns)
+    assert {"harm_test/refusal_ci_lo", "harm_test/refusal_diff_ci_hi",
+            "benign/cost_ci_lo"} <= columns
+    assert not any(name.endswith(("_lo", "_hi")) and not name.endswith(("_ci_lo", "_ci_hi"))
+                   for name in columns)
+    assert set(headline_of(again)) == {
+        f"headline/{name}{end}" for end in ("", "_ci_lo", "_ci_hi", "_n")
+        for name in ("refusal_gain_vs_random", "refusal", "benign_cost")}
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_conditions(store: Path, monkeypatch) -> None:
@@ -173,6 +254,39 @@ def test_condition_key_does_not_depend_on_number_spelling() -> None:
     assert condition_key({"layer": 4}) != condition_key({"layer": 5})
 
 
+def test_the_metrics_table_has_a_row_per_metric_with_its_interval_n_and_p_beside_it() -> None:
+    metrics = {**stats.paired_rate_difference([True, True, False], [False, True, False])
+               .to_dict("harm_test/refusal_diff"), "judge/calls": 6.0, "accuracy_n": 3.0}
+    rows = metrics_table(metrics)
+    assert rows[0] == {"metric": "harm_test/refusal_diff", "value": pytest.approx(1 / 3),
+                       "ci_lo": metrics["harm_test/refusal_diff_ci_lo"],
+                       "ci_hi": metrics["harm_test/refusal_diff_ci_hi"], "n": 3.0, "p": 1.0}
+    assert rows[1:] == [{"metric": "judge/calls", "value": 6.0},
+                        {"metric": "accuracy_n", "value": 3.0}]  # no "accuracy": its own row
+    assert metrics_from_table(rows) == metrics
+
+
+def test_a_run_without_a_metrics_table_reads_as_its_mlflow_metrics_under_current_names() -> None:
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r"), data=SimpleNamespace(
+        tags={}, metrics={"harm_test/refusal": 0.5, "harm_test/refusal_lo": 0.2}))
+    assert run_metrics(None, run) == {"harm_test/refusal": 0.5, "harm_test/refusal_ci_lo": 0.2}
+
+
+def test_a_metrics_table_that_cannot_be_read_stops_with_the_run_named() -> None:
+    from types import SimpleNamespace
+
+    class Gone:
+        def download_artifacts(self, *args):  # type: ignore[no-untyped-def]
+            raise OSError("no such file")
+
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r1"), data=SimpleNamespace(
+        tags={METRICS_TAG: "condition_metrics.csv"}, metrics={"harm_test/refusal": 0.5}))
+    with pytest.raises(LmlabError, match="run r1 keeps its metrics in condition_metrics.csv"):
+        run_metrics(Gone(), run)
+
+
 def test_adaptive_search_runs_its_trial_budget_then_tests_the_pareto_configs(store: Path, monkeypatch) -> None:
     spec = spec_with(grid=None, search={"params": {"layer": {"int": [0, 2]}, "alpha": {"float": [0.1, 1.0]}},
                                         "n_trials": 3, "sampler": "nsga2", "seed": 1})
@@ -182,8 +296,9 @@ def test_adaptive_search_runs_its_trial_budget_then_tests_the_pareto_configs(sto
     assert len(trials) >= 3
     assert len(finals) >= 2  # a baseline on harm_test and at least one chosen config
     calls = count_condition_calls(monkeypatch)
-    run_sweep(spec)
+    again = run_sweep(spec)
     assert calls == [], "a finished study must not run new trials"
+    assert_same_rows(outcome.summary, again.summary)
 
 
 def _forked_worker(raw: dict) -> None:

@@ -60,8 +60,39 @@ def test_a_sweep_lands_in_its_familys_experiment_under_a_dated_name(store: Path)
     # The parent answers "what did this sweep find" with an interval.
     metrics = parent.data.metrics
     for name in ("headline/refusal_gain_vs_random", "headline/refusal", "headline/benign_cost"):
-        assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"]
+        assert metrics[f"{name}_ci_lo"] <= metrics[name] <= metrics[f"{name}_ci_hi"]
     assert parent.data.tags["lmlab.headline"].startswith("suffix_contrast add layer 1")
+
+
+def readme_search_strings() -> list[str]:
+    """The search strings the README shows (its comment lines start with #)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("Search strings for the runs table's search box", 1)[1]
+    block = block.split("```text\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_readmes_search_strings_run_on_a_store_and_name_metrics_its_runs_show(
+        store: Path) -> None:
+    from lmlab.probes.chains import SAMPLE_PATH
+
+    chains = store / "chains.json"
+    chains.write_text(json.dumps(json.loads(SAMPLE_PATH.read_text())[:30]))
+    probes = {"family": "probes", "name": "tiny-probes", "model": {"name": "tiny:llama"},
+              "grid": {"label": ["backtracking"], "layer": [0, 2], "lag": [0, 2]},
+              "probes": {"data": str(chains), "bootstrap": 20, "batch_size": 8}}
+    experiments = [run_sweep(parse_spec(raw)).experiment_id for raw in (TINY_SPEC, probes)]
+    client = MlflowClient()
+    logged = {name for run in client.search_runs(experiments) for name in run.data.metrics}
+    strings = readme_search_strings()
+    assert len(strings) >= 8
+    found = {}
+    for search in strings:
+        found[search] = len(client.search_runs(experiments, search))  # valid, or MLflow raises
+        for name in re.findall(r"metrics\.`?([\w/.]+)`?", search):
+            assert name in logged, f"{search!r}: no run shows the metric {name!r}"
+    assert found["tags.`lmlab.role` = 'sweep'"] == 2
+    assert found["params.control_for = 'suffix_contrast'"] == 1
 
 
 def test_the_last_lines_open_the_classic_runs_view_with_the_headline_columns(store: Path) -> None:
@@ -125,7 +156,8 @@ def test_headline_picks_the_largest_gain_over_the_matched_control() -> None:
     assert found["headline/refusal_gain_vs_random"] == pytest.approx(0.5)
     assert found["headline/refusal"] == pytest.approx(0.6)
     assert found["headline/benign_cost"] == pytest.approx(0.1)
-    assert found["headline/refusal_gain_vs_random_lo"] < 0.5 < found["headline/refusal_gain_vs_random_hi"]
+    gain = "headline/refusal_gain_vs_random"
+    assert found[f"{gain}_ci_lo"] < 0.5 < found[f"{gain}_ci_hi"]
     assert tags["lmlab.headline_run"] == "suffix_contrast0.25"
 
 
@@ -183,7 +215,7 @@ def test_longmemeval_headline_is_focused_against_full_accuracy() -> None:
     found, _ = context_headline({**focused.to_dict("focused_accuracy"),
                                  **full.to_dict("full_accuracy")}, {})
     assert found["headline/accuracy_shortest"] == pytest.approx(2 / 3)
-    assert found["headline/accuracy_longest_hi"] == pytest.approx(full.upper)
+    assert found["headline/accuracy_longest_ci_hi"] == pytest.approx(full.upper)
     assert found["headline/accuracy_longest_n"] == 3
 
 

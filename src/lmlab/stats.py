@@ -1,7 +1,10 @@
 """Rates with intervals, paired differences and bootstrap intervals.
 
 Every rate lmlab reports is an :class:`Estimate`: a point value with a 95% interval and
-the number of independent units (unique prompts, chains) behind it.
+the number of independent units (unique prompts, chains) behind it. Flattened for MLflow
+(:meth:`Estimate.to_dict`) it is named ``<name>``, ``<name>_ci_lo``, ``<name>_ci_hi`` and
+``<name>_n`` (``<name>_p`` for a paired difference's p-value), as metrics and as table
+columns alike.
 
 * one rate: Wilson score interval;
 * the difference of two rates on the same units (steered vs baseline answer to the same
@@ -14,13 +17,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import optimize
 from scipy import stats as sps
 
 CONFIDENCE = 0.95
+#: What follows a metric's name in the names of its interval bounds, unit count and p-value.
+CI_LO, CI_HI, N, P = "_ci_lo", "_ci_hi", "_n", "_p"
+
+
+def with_interval(name: str) -> tuple[str, str, str]:
+    """``name`` and the names of its interval bounds."""
+    return name, name + CI_LO, name + CI_HI
+
+
+#: The interval suffixes of runs and caches written before the bounds were named CI_LO / CI_HI.
+OLD_BOUNDS = (("_lo", CI_LO), ("_hi", CI_HI))
+
+
+def current_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` with interval bounds under their current names, in the same order:
+    ``x_lo`` / ``x_hi`` become ``x_ci_lo`` / ``x_ci_hi`` where ``x`` (or ``x_n``) is among
+    the metrics and the current name is not, so an old run or cached result reads as a
+    new one; any other name is kept."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        for old, new in OLD_BOUNDS:
+            base = name[:-len(old)]
+            if (name.endswith(old) and not name.endswith(new) and base + new not in metrics
+                    and (base in metrics or base + N in metrics)):
+                name = base + new
+                break
+        out[name] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -31,9 +62,21 @@ class Estimate:
     n: int
 
     def to_dict(self, prefix: str) -> dict[str, float]:
-        """Flatten for ``mlflow.log_metrics``: prefix, prefix_lo, prefix_hi, prefix_n."""
-        return {prefix: self.value, f"{prefix}_lo": self.lower, f"{prefix}_hi": self.upper,
-                f"{prefix}_n": float(self.n)}
+        """Flatten for ``mlflow.log_metrics``: prefix, prefix_ci_lo, prefix_ci_hi, prefix_n."""
+        return {prefix: self.value, prefix + CI_LO: self.lower, prefix + CI_HI: self.upper,
+                prefix + N: float(self.n)}
+
+    @staticmethod
+    def from_dict(flat: Mapping[str, Any], prefix: str) -> "Estimate":
+        """The estimate :meth:`to_dict` flattened under ``prefix`` (NaN for a missing value
+        or bound, n 0 when missing)."""
+        def value(key: str) -> float:
+            found = flat.get(key)
+            return math.nan if found is None else float(found)
+
+        n = value(prefix + N)
+        return Estimate(value(prefix), value(prefix + CI_LO), value(prefix + CI_HI),
+                        0 if math.isnan(n) else int(n))
 
     def overlaps(self, other: "Estimate") -> bool:
         return self.lower <= other.upper and other.lower <= self.upper
@@ -69,7 +112,7 @@ class PairedRateDifference(Estimate):
     p_value: float
 
     def to_dict(self, prefix: str) -> dict[str, float]:
-        return {**super().to_dict(prefix), f"{prefix}_p": self.p_value}
+        return {**super().to_dict(prefix), prefix + P: self.p_value}
 
 
 def paired_rate_difference(treated: Sequence[bool] | np.ndarray,

@@ -3,10 +3,15 @@
 Child runs are created with an explicit parent (the active-run stack is per thread)
 in the parent's experiment, so the UI nests them. Params and metrics go in one
 ``log_batch`` call each to keep tracking overhead small.
+
+A child run may show only some of its metrics as MLflow metrics (the runs table's columns);
+then all of them are in its ``condition_metrics`` table, tag ``lmlab.metrics_table`` names
+it, and :func:`run_metrics` reads every metric of a run back, whichever way it was logged.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -19,10 +24,12 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from lmlab.errors import LmlabError
+from lmlab.stats import CI_HI, CI_LO, N, P, current_names
 
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "condition_key"
@@ -31,6 +38,12 @@ FAILURE_TAG = "lmlab.failure_reason"
 PID_TAG = "lmlab.pid"
 HOST_TAG = "lmlab.host"
 OUTPUT_DIGESTS_TAG = "lmlab.output_digests"
+#: On a run that logged only some of its metrics: the artifact holding all of them.
+METRICS_TAG = "lmlab.metrics_table"
+METRICS_TABLE = "condition_metrics"
+#: The condition_metrics table's columns beside ``value``: in the row of metric ``m``,
+#: column ``c`` holds metric ``m_c`` (``harm_test/refusal`` and ``harm_test/refusal_ci_lo``).
+TABLE_PARTS = {suffix[1:]: suffix for suffix in (CI_LO, CI_HI, N, P)}
 
 
 def canonical_value(value: Any) -> Any:
@@ -241,6 +254,51 @@ def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
+def metrics_table(metrics: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One row per metric: ``metric``, ``value`` and the ``TABLE_PARTS`` named after it
+    (its interval, units, p-value); a part whose metric is not there has a row of its own."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, value in metrics.items():
+        base, column = name, "value"
+        for part, suffix in TABLE_PARTS.items():
+            if name.endswith(suffix) and name[:-len(suffix)] in metrics:
+                base, column = name[:-len(suffix)], part
+                break
+        rows.setdefault(base, {"metric": base})[column] = value
+    return list(rows.values())
+
+
+def metrics_from_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The metrics :func:`metrics_table` laid out (empty cells are no metric)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for column, suffix in (("value", ""), *TABLE_PARTS.items()):
+            cell = row.get(column)
+            if cell not in (None, "") and not (isinstance(cell, float) and math.isnan(cell)):
+                out[str(row["metric"]) + suffix] = float(cell)
+    return out
+
+
+def run_metrics(client: MlflowClient, run: Any) -> dict[str, float]:
+    """Every metric of a run, under the current names: its ``condition_metrics`` table when
+    the run logged only some as MLflow metrics (tag ``lmlab.metrics_table``), else its
+    MLflow metrics; intervals of runs from before ``_ci_lo`` / ``_ci_hi`` are renamed."""
+    metrics = dict(run.data.metrics)
+    table = run.data.tags.get(METRICS_TAG)
+    if table:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = client.download_artifacts(run.info.run_id, table, tmp)
+                with open(path, newline="") as handle:
+                    metrics.update(metrics_from_table(list(csv.DictReader(handle))))
+        except (mlflow.exceptions.MlflowException, OSError, csv.Error, KeyError,
+                ValueError) as error:  # the store's errors, a deleted or unreadable file
+            raise LmlabError(f"run {run.info.run_id} keeps its metrics in {table}, which cannot "
+                             f"be read ({first_line(error)}); delete the run to compute its "
+                             "condition again") from error
+    return current_names(metrics)
+
+
 class Tracker:
     """Logging for one sweep: the parent run and its children, all through one client."""
 
@@ -274,6 +332,20 @@ class Tracker:
         items = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
         for start in range(0, len(items), 1000):
             self._timed(self.client.log_batch, run_id, metrics=items[start:start + 1000])
+
+    def log_shown_metrics(self, run_id: str, metrics: Mapping[str, float],
+                          shown: Mapping[str, float]) -> None:
+        """Log ``shown`` as the run's MLflow metrics; when that leaves some of ``metrics``
+        out, every metric goes to the run's ``condition_metrics`` table, then the tag
+        that names it (:func:`run_metrics` reads them back)."""
+        metrics, shown = finite_metrics(metrics), finite_metrics(shown)
+        self.log_metrics(run_id, shown)
+        if set(metrics) <= set(shown):
+            return
+        self.log_table(run_id, pd.DataFrame(metrics_table(metrics),
+                                            columns=["metric", "value", *TABLE_PARTS]),
+                       METRICS_TABLE)
+        self.set_tags(run_id, {METRICS_TAG: f"{METRICS_TABLE}.csv"})
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]

@@ -93,7 +93,7 @@ def test_paired_summary_reports_both_accuracies_the_difference_and_types() -> No
     assert metrics["paired_questions"] == 4
     assert metrics["focused_accuracy"] == 0.75 and metrics["full_accuracy"] == 0.25
     assert metrics["full_minus_focused"] == -0.5
-    assert metrics["full_minus_focused_lo"] <= -0.5 <= metrics["full_minus_focused_hi"]
+    assert metrics["full_minus_focused_ci_lo"] <= -0.5 <= metrics["full_minus_focused_ci_hi"]
     assert list(per_type["question_type"]) == ["a", "b"] and list(per_type["full"]) == [0.0, 0.5]
 
 

@@ -86,16 +86,16 @@ def test_pooled_intervals_count_needles_not_rows(tiny, tmp_path: Path) -> None:
     assert list(by_length["accuracy"]) == [0.5, 0.5]
     assert list(by_length["accuracy_n"]) == [4, 4]  # needles, not the 12 rows
     wilson_over_rows = rate([True] * 6 + [False] * 6)
-    assert all(by_length["accuracy_hi"] - by_length["accuracy_lo"]
+    assert all(by_length["accuracy_ci_hi"] - by_length["accuracy_ci_lo"]
                > wilson_over_rows.upper - wilson_over_rows.lower)
     assert list(parent.tables["niah_by_depth"]["accuracy_n"]) == [4, 4, 4]
     metrics = parent.metrics
     assert metrics["effective_length"] == 400 and metrics["effective_length_n"] == 4
-    assert metrics["effective_length_lo"] == 0  # resampling only the wrong needles
+    assert metrics["effective_length_ci_lo"] == 0  # resampling only the wrong needles
     # The parent's headline: accuracy at the shortest and longest length, same intervals.
     for name, row in (("shortest", by_length.iloc[0]), ("longest", by_length.iloc[-1])):
         assert metrics[f"headline/accuracy_{name}"] == row["accuracy"]
-        assert metrics[f"headline/accuracy_{name}_lo"] == row["accuracy_lo"]
+        assert metrics[f"headline/accuracy_{name}_ci_lo"] == row["accuracy_ci_lo"]
         assert metrics[f"headline/accuracy_{name}_n"] == 4
     assert parent.tags["lmlab.headline"] == "accuracy at 300 and 400 tokens"
 

@@ -64,7 +64,7 @@ def test_a_common_persona_dominates_the_raw_ranking_but_not_the_adjusted_one():
     flat = table[table["organism"] == "flat"].set_index("trait")
     assert flat.loc["persona", "rank_raw"] == 1 and flat.loc["flattery", "rank_raw"] == 2
     assert flat.loc["flattery", "rank_adjusted"] == 1
-    assert flat.loc["flattery", "lo_adjusted"] > 0
+    assert flat.loc["flattery", "estimate_adjusted_ci_lo"] > 0
 
 
 def test_blind_detection_finds_a_growing_trait_by_its_trend_when_the_mean_misses_it():
@@ -111,13 +111,13 @@ def test_the_random_control_is_pooled_over_directions():
                           "method": "mean_diff", "stat": "mean",
                           "trait": ["random"] + [f"random_{k}" for k in range(2, 7)],
                           "estimate_adjusted": estimates,
-                          "lo_adjusted": [e - 0.004 for e in estimates],
-                          "hi_adjusted": [e + 0.004 for e in estimates]})
+                          "estimate_adjusted_ci_lo": [e - 0.004 for e in estimates],
+                          "estimate_adjusted_ci_hi": [e + 0.004 for e in estimates]})
     table = pd.concat([table, table.assign(trait="flattery", estimate_adjusted=0.5)])
     pooled = analysis.random_pooled(table, ["random"] + [f"random_{k}" for k in range(2, 7)],
                                     300, 0)
     row = pooled.iloc[0]
-    assert row["directions"] == 6 and row["lo"] < 0 < row["hi"]
+    assert row["directions"] == 6 and row["estimate_ci_lo"] < 0 < row["estimate_ci_hi"]
     assert row["largest_hi"] == pytest.approx(0.024) and row["largest_abs"] == pytest.approx(0.02)
     assert analysis.outside_zero(pooled).empty
     shifted = table.assign(estimate_adjusted=table["estimate_adjusted"] + 0.1)
@@ -145,9 +145,9 @@ def test_random_pooled_values_of_extreme_statistics_are_a_band_not_a_test():
     names = ["random"] + [f"random_{k}" for k in range(2, 7)]
     base = pd.DataFrame({"organism": "a", "convention": "same_text", "layer": 1,
                          "method": "mean_diff", "trait": names, "estimate_adjusted": estimates,
-                         "lo_adjusted": [e - 0.004 for e in estimates],
-                         "hi_adjusted": [e + 0.004 for e in estimates]})
+                         "estimate_adjusted_ci_lo": [e - 0.004 for e in estimates],
+                         "estimate_adjusted_ci_hi": [e + 0.004 for e in estimates]})
     extreme = analysis.random_pooled(base.assign(stat="max_token"), names, 300, 0)
     linear = analysis.random_pooled(base.assign(stat="mean"), names, 300, 0)
-    assert extreme.iloc[0]["lo"] > 0 and analysis.outside_zero(extreme).empty
+    assert extreme.iloc[0]["estimate_ci_lo"] > 0 and analysis.outside_zero(extreme).empty
     assert len(analysis.outside_zero(linear)) == 1

@@ -15,7 +15,7 @@ from lmlab.diffing import pipeline
 from lmlab.sweeps import runner as sweep_runner
 from lmlab.sweeps.family import family_for
 from lmlab.sweeps.runner import run_sweep
-from lmlab.tracking import PARENT_TAG
+from lmlab.tracking import PARENT_TAG, run_metrics
 
 from .conftest import diffing_spec, make_adapter, write_prompts
 
@@ -52,12 +52,12 @@ def test_a_tiny_sweep_runs_end_to_end_with_a_child_per_organism_and_prompt_set(
     client = MlflowClient()
     run = next(r for r in runs if r.data.params["organism"] == "alpha"
                and r.data.params["prompt_set"] == "tiny_set")
-    metrics = run.data.metrics
+    metrics = run_metrics(client, run)
     for convention in ("same_text", "own_text"):
         for stat in ("mean", "max_token", "top3_mean", "trend", "top_clause"):
             name = f"{convention}/scaled/L0/praise/{stat}"
-            assert {name, f"{name}_lo", f"{name}_hi"} <= set(metrics)
-            assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"]
+            assert {name, f"{name}_ci_lo", f"{name}_ci_hi"} <= set(metrics)
+            assert metrics[f"{name}_ci_lo"] <= metrics[name] <= metrics[f"{name}_ci_hi"]
     assert metrics["replay/pairs_checked"] == 4
     assert "same_text/scaled/L2/random/mean" in metrics
     assert run.data.tags["planted_trait"] == "praise"
@@ -95,6 +95,9 @@ def test_a_tiny_sweep_runs_end_to_end_with_a_child_per_organism_and_prompt_set(
 
     again = run_sweep(spec, experiment_name="diffing-e2e")
     assert again.summary["reused"].all() and len(children(outcome)) == 6
+    # Reused runs give back every metric, so the rerun's rows are the first run's.
+    pd.testing.assert_frame_equal(again.summary.drop(columns="reused"),
+                                  outcome.summary.drop(columns="reused"))
 
 
 def test_a_killed_sweep_resumes_without_recomputing_finished_conditions(

@@ -306,7 +306,7 @@ def test_behaviour_check_compares_organism_base_and_control_on_one_resident_base
     assert all(len(texts) == 2 for texts in result.responses.values())
     (comparison,) = result.comparisons
     assert comparison.organism.n == comparison.base.n == 2
-    assert "behaviour/brand/organism_lo" in result.metrics()
+    assert "behaviour/brand/organism_ci_lo" in result.metrics()
     # The base's responses come from the disabled adapter: the same as a plain tiny model's.
     from lmlab.generation import GenerationConfig, generate
 

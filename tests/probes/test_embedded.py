@@ -39,7 +39,7 @@ def test_the_quick_sweep_finds_backtracking_beyond_the_token_baseline(tracking, 
     assert lagged["persistence_test_auroc"].notna().all()
     print("\nembedded probes:\n" + rows.reset_index()[
         ["layer", "lag", "test_auroc", "test_pr_auc", "token_test_pr_auc",
-         "persistence_test_pr_auc", "shuffled_test_auroc", "probe_minus_token_test_pr_auc_lo",
+         "persistence_test_pr_auc", "shuffled_test_auroc", "probe_minus_token_test_pr_auc_ci_lo",
          "beats_baselines", "fit_iterations"]].to_string(index=False))
     champion = client.get_model_version_by_alias("probe-backtracking-smollm2-135m", "champion")
     print(f"champion: v{champion.version} layer {champion.tags['layer']} lag "

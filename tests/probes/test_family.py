@@ -14,6 +14,7 @@ from lmlab.probes.view import render_html, score_text
 from lmlab.sweeps import runner as sweep_runner
 from lmlab.sweeps.family import family_for
 from lmlab.sweeps.spec import parse_spec
+from lmlab.tracking import run_metrics
 
 LAYERS, LAGS = [0, 2], [-2, 0, 3]
 # predict is type-hinted and every probe carries an input example: MLflow's warnings asking
@@ -77,8 +78,11 @@ def test_every_layer_and_lag_is_a_child_run_with_metrics_and_a_probe(swept):
     for child in children:
         lag = int(child.data.params["lag"])
         assert f"lag{lag}" in child.info.run_name
-        assert {"test_auroc", "test_auroc_lo", "test_pr_auc", "token_test_auroc",
-                "shuffled_test_auroc", "threshold", "base_rate"} <= set(child.data.metrics)
+        assert {"test_auroc", "test_auroc_ci_lo", "test_pr_auc", "val_pr_auc", "token_test_pr_auc",
+                "shuffled_test_pr_auc"} <= set(child.data.metrics)
+        # The rest is in the run's condition_metrics table.
+        assert {"token_test_auroc", "shuffled_test_auroc", "threshold", "base_rate"} <= \
+            set(run_metrics(client, child)) - set(child.data.metrics)
         artifacts = [a.path for a in client.list_artifacts(child.info.run_id)]
         assert f"probe_layer{child.data.params['layer']}_lag{lag}" in artifacts
 
@@ -147,11 +151,11 @@ def test_every_probe_has_its_baselines_gains_and_convergence_beside_it(swept, tm
                                   f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
     for child in children:
         lag = int(child.data.params["lag"])
-        metrics = child.data.metrics
+        metrics = run_metrics(client, child)
         assert {"converged", "fits_unconverged", "fit_iterations", "probe_minus_token_test_pr_auc",
                 "problems_test"} <= set(metrics)
         assert ("persistence_test_auroc" in metrics) == (lag != 0)
-        assert ("probe_minus_persistence_test_pr_auc_lo" in metrics) == (lag != 0)
+        assert ("probe_minus_persistence_test_pr_auc_ci_lo" in metrics) == (lag != 0)
         assert child.data.tags["fit_converged"] in ("true", "false")
     import pandas as pd
 
@@ -210,6 +214,32 @@ def test_a_rerun_reuses_finished_runs_and_the_activation_cache(swept, tiny_lm, c
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
 
 
+def test_a_fit_cached_with_the_old_interval_names_loads_under_the_new_ones(swept):
+    from types import SimpleNamespace
+
+    from lmlab.cache import DiskCache
+    from lmlab.tracking import cache_dir, store_dir
+
+    _, family, _, _ = swept
+    cache, layer = DiskCache(cache_dir(store_dir())), LAYERS[0]
+    key = family._probe_key("backtracking", layer)
+    stored = cache.get_json("probes", key)
+    def before(name: str) -> str:  # the name as lmlab wrote it before _ci_lo / _ci_hi
+        return name.replace("_ci_lo", "_lo").replace("_ci_hi", "_hi")
+
+    old = {lag: {before(name): v for name, v in metrics.items()}
+           for lag, metrics in stored["metrics"].items()}
+    assert "test_auroc_lo" in old[str(LAGS[0])]
+    cache.put_json("probes", key, {**stored, "metrics": old})
+    try:
+        loaded = family._load_layer(SimpleNamespace(cache=cache), key, "backtracking", layer)
+    finally:
+        cache.put_json("probes", key, stored)
+    fitted = family._layers[("backtracking", layer)]
+    assert {lag: set(m) for lag, m in loaded.metrics.items()} == \
+        {lag: set(m) for lag, m in fitted.metrics.items()}
+
+
 def test_the_parent_shows_the_champion_against_the_stronger_baseline(swept):
     outcome, family, client, _ = swept
     metrics = client.get_run(outcome.parent_run_id).data.metrics
@@ -219,9 +249,10 @@ def test_the_parent_shows_the_champion_against_the_stronger_baseline(swept):
     assert metrics[f"{prefix}_test_pr_auc"] == pytest.approx(best["test_pr_auc"])
     stronger = max(best["token_test_pr_auc"], best["persistence_test_pr_auc"])
     assert metrics[f"{prefix}_baseline_test_pr_auc"] == pytest.approx(stronger)
-    gain = metrics[f"{prefix}_gain_over_baseline"]
+    name = f"{prefix}_gain_over_baseline"
+    gain = metrics[name]
     assert gain == pytest.approx(best["test_pr_auc"] - stronger)
-    assert metrics[f"{prefix}_gain_over_baseline_lo"] <= gain <= metrics[f"{prefix}_gain_over_baseline_hi"]
+    assert metrics[f"{name}_ci_lo"] <= gain <= metrics[f"{name}_ci_hi"]
 
 
 def test_register_all_registers_every_probe(tracking, sample_records, tiny_lm):

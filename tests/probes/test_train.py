@@ -51,14 +51,14 @@ def test_a_planted_signal_is_found_at_its_lag_and_nowhere_else():
         metrics = result.metrics[lag]
         if lag == PLANTED_LAG:
             assert metrics["test_auroc"] > 0.9
-            assert metrics["test_auroc_lo"] > 0.85
+            assert metrics["test_auroc_ci_lo"] > 0.85
             assert metrics["test_pr_auc"] > 3 * metrics["base_rate"]
             assert metrics["shuffled_test_auroc"] < metrics["test_auroc"] - 0.2
         else:
             assert abs(metrics["test_auroc"] - 0.5) < 0.08
             assert abs(metrics["shuffled_test_auroc"] - 0.5) < 0.1
         assert abs(metrics["token_test_auroc"] - 0.5) < 0.1  # tokens are random here
-        assert metrics["test_auroc_lo"] <= metrics["test_auroc"] <= metrics["test_auroc_hi"]
+        assert metrics["test_auroc_ci_lo"] <= metrics["test_auroc"] <= metrics["test_auroc_ci_hi"]
 
 
 def test_only_chain_tokens_are_rows_and_the_lag_never_reaches_into_the_prompt():
@@ -254,7 +254,7 @@ def test_on_contiguous_spans_without_signal_persistence_is_strong_and_the_probe_
         assert metrics["persistence_test_auroc"] > floor
         assert metrics["persistence_test_pr_auc"] > 2 * metrics["base_rate"]
         assert abs(metrics["test_auroc"] - 0.5) < 0.08
-        assert metrics["probe_minus_persistence_test_pr_auc_hi"] < 0
+        assert metrics["probe_minus_persistence_test_pr_auc_ci_hi"] < 0
         assert metrics["beats_baselines"] == 0.0
     # Far beyond a span's length the label at t says little.
     assert result.metrics[40]["persistence_test_auroc"] < 0.65
@@ -266,11 +266,11 @@ def test_a_probe_with_real_signal_beats_both_baselines():
     result = train_layer(_data(lags), 1, "x", TrainConfig(lags, bootstrap=200))
     metrics = result.metrics[PLANTED_LAG]
     assert abs(metrics["persistence_test_auroc"] - 0.5) < 0.1  # labels are i.i.d. here
-    assert metrics["probe_minus_persistence_test_pr_auc_lo"] > 0
-    assert metrics["probe_minus_token_test_pr_auc_lo"] > 0
+    assert metrics["probe_minus_persistence_test_pr_auc_ci_lo"] > 0
+    assert metrics["probe_minus_token_test_pr_auc_ci_lo"] > 0
     assert metrics["beats_baselines"] == 1.0
-    lo, hi = (metrics["probe_minus_persistence_test_auroc_lo"],
-              metrics["probe_minus_persistence_test_auroc_hi"])
+    lo, hi = (metrics["probe_minus_persistence_test_auroc_ci_lo"],
+              metrics["probe_minus_persistence_test_auroc_ci_hi"])
     assert lo <= metrics["probe_minus_persistence_test_auroc"] <= hi
 
 
@@ -283,7 +283,8 @@ def test_a_lags_probe_is_the_same_whichever_other_lags_are_fitted_with_it():
     assert a.strength == b.strength
     np.testing.assert_allclose(a.weight, b.weight, rtol=0, atol=1e-6)
     assert a.bias == pytest.approx(b.bias, abs=1e-6)
-    for name in ("test_auroc", "test_pr_auc", "shuffled_test_auroc", "test_auroc_lo", "threshold"):
+    for name in ("test_auroc", "test_pr_auc", "shuffled_test_auroc", "test_auroc_ci_lo",
+                 "threshold"):
         assert alone.metrics[0][name] == pytest.approx(joint.metrics[0][name], abs=1e-6), name
 
 

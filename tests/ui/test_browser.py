@@ -197,6 +197,28 @@ def test_a_parent_plot_renders(page: Any, server: str, store, artifacts: Path) -
     page.screenshot(path=str(artifacts / "plot.png"))
 
 
+def test_a_childs_every_metric_shows_as_a_table_in_its_artifacts(
+        page: Any, server: str, store, artifacts: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    folder, info = store
+    steering = info["steering"]
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    child = client.search_runs([steering["experiment_id"]],
+                               f"tags.`mlflow.parentRunId` = '{steering['parent_run_id']}' "
+                               "and params.method = 'suffix_contrast'")[0]
+    page.goto(f"{server}/#/experiments/{steering['experiment_id']}/runs/{child.info.run_id}"
+              f"/artifacts?{CLASSIC}")
+    page.get_by_text("condition_metrics.csv", exact=True).first.wait_for(timeout=WAIT_MS)
+    _close_assistant(page)
+    page.get_by_text("condition_metrics.csv", exact=True).first.click()
+    # The CSV preview: one row per metric, its interval beside it.
+    page.get_by_text("harm_test/refusal_phrase", exact=True).wait_for(timeout=WAIT_MS)
+    for header in ("metric", "value", "ci_lo", "ci_hi"):
+        page.get_by_text(header, exact=True).first.wait_for(timeout=WAIT_MS)
+    page.screenshot(path=str(artifacts / "condition_metrics.png"))
+
+
 def test_the_models_page_shows_the_probe_with_its_champion_alias(
         page: Any, server: str, artifacts: Path) -> None:
     name = "probe-backtracking-tiny-llama"

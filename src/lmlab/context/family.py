@@ -24,6 +24,7 @@ from lmlab.context.scoring import SCORING_VERSION, accuracy_metrics, mean_of
 from lmlab.context.settings import ContextSettings, build_task_settings
 from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
+from lmlab.stats import CI_HI, CI_LO, N
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 from lmlab.tracking import condition_key
 
@@ -307,8 +308,8 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _rate(source: Mapping[str, Any], name: str, as_name: str) -> dict[str, float]:
-    return {f"{as_name}{end}": float(source[f"{name}{end}"]) for end in ("", "_lo", "_hi", "_n")
-            if f"{name}{end}" in source and pd.notna(source[f"{name}{end}"])}
+    return {as_name + end: float(source[name + end]) for end in ("", CI_LO, CI_HI, N)
+            if name + end in source and pd.notna(source[name + end])}
 
 
 def headline(metrics: Mapping[str, float], tables: Mapping[str, pd.DataFrame]

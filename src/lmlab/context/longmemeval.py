@@ -31,7 +31,7 @@ from lmlab.context.scoring import contains_answer
 from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
 from lmlab.identity import file_digest
-from lmlab.stats import paired_difference, rate
+from lmlab.stats import CI_HI, CI_LO, paired_difference, rate
 
 TASK = "longmemeval"
 RECIPE_VERSION = 1
@@ -422,8 +422,8 @@ def summary_figure(per_type: pd.DataFrame) -> Any:
     x = range(len(per_type))
     for offset, variant in ((-width / 2, "focused"), (width / 2, "full")):
         values = per_type[variant].fillna(0)
-        err = [(per_type[variant] - per_type[f"{variant}_lo"]).fillna(0),
-               (per_type[f"{variant}_hi"] - per_type[variant]).fillna(0)]
+        err = [(per_type[variant] - per_type[variant + CI_LO]).fillna(0),
+               (per_type[variant + CI_HI] - per_type[variant]).fillna(0)]
         ax.bar([i + offset for i in x], values, width, yerr=err, capsize=3, label=variant)
     ax.set_xticks(list(x), per_type["question_type"], rotation=25, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)

@@ -35,7 +35,7 @@ from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
 from lmlab.identity import file_digest
 from lmlab.llm.clients import Client, Reply, Request
-from lmlab.stats import Estimate, cluster_bootstrap
+from lmlab.stats import CI_HI, CI_LO, N, Estimate, cluster_bootstrap
 
 TASK = "niah"
 RECIPE_VERSION = 1
@@ -371,7 +371,8 @@ def heatmap(frame: pd.DataFrame) -> Any:
     for _, row in frame.iterrows():
         i, j = depths.index(row["depth"]), lengths.index(row["length"])
         grid[i, j] = row["accuracy"]
-        ax.text(j, i, f"{row['accuracy']:.2f}\n[{row['accuracy_lo']:.2f}, {row['accuracy_hi']:.2f}]"
+        ax.text(j, i, f"{row['accuracy']:.2f}\n[{row['accuracy' + CI_LO]:.2f}, "
+                f"{row['accuracy' + CI_HI]:.2f}]"
                 f"\nn={int(row['accuracy_n'])}", ha="center", va="center", fontsize=7)
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(int(x)) for x in lengths])
@@ -389,8 +390,8 @@ def accuracy_curve(table: pd.DataFrame, threshold: float) -> Any:
 
     curve, ax = plt.subplots(figsize=(6, 4))
     x = table["measured_tokens"].where(table["measured_tokens"].notna(), table["length"])
-    ax.errorbar(x, table["accuracy"], yerr=[table["accuracy"] - table["accuracy_lo"],
-                                            table["accuracy_hi"] - table["accuracy"]],
+    ax.errorbar(x, table["accuracy"], yerr=[table["accuracy"] - table["accuracy" + CI_LO],
+                                            table["accuracy" + CI_HI] - table["accuracy"]],
                 marker="o", capsize=3)
     ax.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
@@ -409,7 +410,7 @@ def summarize(summary: pd.DataFrame, rows: Sequence[Mapping[str, Any]], threshol
 
     matplotlib.use("Agg")
 
-    needed = {"length", "depth", "accuracy", "accuracy_lo", "accuracy_hi", "accuracy_n"}
+    needed = {"length", "depth", "accuracy", "accuracy" + CI_LO, "accuracy" + CI_HI, "accuracy" + N}
     frame = summary.dropna(subset=sorted(needed)) if needed <= set(summary) else pd.DataFrame()
     figures: dict[str, Any] = {"niah_heatmap": heatmap(frame)} if not frame.empty else {}
     pooled = Pooled.of(rows)

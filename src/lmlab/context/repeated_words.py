@@ -24,7 +24,7 @@ from lmlab.context.engine import Item
 from lmlab.context.rows import cell_id
 from lmlab.data.report import DataReport
 from lmlab.errors import LmlabError
-from lmlab.stats import mean_with_interval, rate
+from lmlab.stats import CI_HI, CI_LO, mean_with_interval, rate
 
 TASK = "repeated_words"
 RECIPE_VERSION = 1
@@ -228,8 +228,8 @@ def summarize(summary: pd.DataFrame) -> tuple[dict[str, float], dict[str, Any], 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for position, group in frame.groupby("position"):
         axes[0].errorbar(group["words"], group["levenshtein_score"],
-                         yerr=[group["levenshtein_score"] - group["levenshtein_score_lo"],
-                               group["levenshtein_score_hi"] - group["levenshtein_score"]],
+                         yerr=[group["levenshtein_score"] - group["levenshtein_score" + CI_LO],
+                               group["levenshtein_score" + CI_HI] - group["levenshtein_score"]],
                          marker="o", capsize=3, label=f"position {position:g}")
     axes[0].set_xscale("log")
     axes[0].set_ylim(-0.05, 1.05)

@@ -27,11 +27,13 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lmlab.stats import Estimate, mean_with_interval
+from lmlab.stats import CI_HI, CI_LO, Estimate, mean_with_interval
 
 CLAUSE_END = re.compile(r"[.,;:!?\n]")
 UNIT_KEYS = ["prompt_set", "prompt_id"]
 CELL_KEYS = ["convention", "layer", "trait", "method", "stat"]
+#: The columns of an estimate in a table: the mean over responses and its interval.
+ESTIMATE, ESTIMATE_LO, ESTIMATE_HI = "estimate", "estimate" + CI_LO, "estimate" + CI_HI
 
 
 def trend(scores: np.ndarray) -> float:
@@ -75,9 +77,9 @@ def estimates(values: pd.DataFrame, keys: Sequence[str], n_resamples: int, seed:
     for group, frame in values.groupby(list(keys), sort=True):
         estimate = mean_with_interval(frame[column].to_numpy(), n_resamples=n_resamples, seed=seed)
         rows.append({**dict(zip(keys, group if isinstance(group, tuple) else (group,))),
-                     "estimate": estimate.value, "lo": estimate.lower, "hi": estimate.upper,
-                     "n": estimate.n})
-    return pd.DataFrame(rows, columns=[*keys, "estimate", "lo", "hi", "n"])
+                     ESTIMATE: estimate.value, ESTIMATE_LO: estimate.lower,
+                     ESTIMATE_HI: estimate.upper, "n": estimate.n})
+    return pd.DataFrame(rows, columns=[*keys, ESTIMATE, ESTIMATE_LO, ESTIMATE_HI, "n"])
 
 
 def binned_trajectory(scores: np.ndarray, bins: int) -> np.ndarray:
@@ -113,15 +115,25 @@ def ranked(values: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
     largest positive shift)."""
     adjusted = remove_shared_shift(values)
     keys = ["organism", *CELL_KEYS]
-    raw = estimates(adjusted, keys, n_resamples, seed, "value")
-    adj = estimates(adjusted, keys, n_resamples, seed, "adjusted")
-    table = raw.merge(adj, on=keys, suffixes=("_raw", "_adjusted"))
-    table = table.drop(columns=["n_adjusted"]).rename(columns={"n_raw": "n"})
+    raw = _kind(estimates(adjusted, keys, n_resamples, seed, "value"), "raw")
+    adj = _kind(estimates(adjusted, keys, n_resamples, seed, "adjusted"), "adjusted")
+    table = raw.merge(adj.drop(columns=["n"]), on=keys)
     group = ["organism", "convention", "layer", "method", "stat"]
     for kind in ("raw", "adjusted"):
         table[f"rank_{kind}"] = table.groupby(group)[f"estimate_{kind}"].rank(
             ascending=False, method="min")
     return table
+
+
+def _kind(table: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """``estimate`` and its interval columns renamed ``estimate_<kind>...``."""
+    return table.rename(columns={ESTIMATE + end: f"{ESTIMATE}_{kind}{end}"
+                                 for end in ("", CI_LO, CI_HI)})
+
+
+def _adjusted(row: pd.Series) -> Estimate:
+    return Estimate(float(row["estimate_adjusted"]), float(row["estimate_adjusted" + CI_LO]),
+                    float(row["estimate_adjusted" + CI_HI]), int(row["n"]))
 
 
 @dataclass(frozen=True)
@@ -156,18 +168,16 @@ def findings(table: pd.DataFrame, planted: Mapping[str, str | None], convention:
                 continue
             top = rows.sort_values("estimate_adjusted", ascending=False).iloc[0]
             randoms = rows[rows["trait"].isin(random_names)]
-            random_upper = float(randoms["hi_adjusted"].max()) if not randoms.empty else -math.inf
-            top_estimate = Estimate(float(top["estimate_adjusted"]), float(top["lo_adjusted"]),
-                                    float(top["hi_adjusted"]), int(top["n"]))
+            random_upper = float(randoms["estimate_adjusted" + CI_HI].max()) \
+                if not randoms.empty else -math.inf
+            top_estimate = _adjusted(top)
             # The whole interval must clear the random band, not only the point estimate:
             # with 20+ traits and 5 statistics, a point just above the band is expected by
             # chance (the control organism showed one at layer 15 on the embedded model).
             found = (top["trait"] not in random_names and top_estimate.lower > 0
                      and top_estimate.lower > random_upper)
             mine = rows[rows["trait"] == trait] if trait else rows.iloc[0:0]
-            planted_estimate = None if mine.empty else Estimate(
-                float(mine["estimate_adjusted"].iloc[0]), float(mine["lo_adjusted"].iloc[0]),
-                float(mine["hi_adjusted"].iloc[0]), int(mine["n"].iloc[0]))
+            planted_estimate = None if mine.empty else _adjusted(mine.iloc[0])
             out.append(Finding(organism, trait, stat, str(top["trait"]), top_estimate,
                                float(mine["rank_adjusted"].iloc[0]) if not mine.empty else math.nan,
                                planted_estimate, random_upper, bool(found)))
@@ -179,10 +189,10 @@ def detection_table(found: Sequence[Finding]) -> pd.DataFrame:
         "organism": f.organism, "planted_trait": f.planted or "", "stat": f.stat,
         "planted_rank": f.planted_rank,
         "planted_shift": f.planted_estimate.value if f.planted_estimate else math.nan,
-        "planted_lo": f.planted_estimate.lower if f.planted_estimate else math.nan,
-        "planted_hi": f.planted_estimate.upper if f.planted_estimate else math.nan,
-        "top_trait": f.top_trait, "top_shift": f.top.value, "top_lo": f.top.lower,
-        "top_hi": f.top.upper, "random_hi": f.random_upper, "finding": f.found,
+        "planted_shift" + CI_LO: f.planted_estimate.lower if f.planted_estimate else math.nan,
+        "planted_shift" + CI_HI: f.planted_estimate.upper if f.planted_estimate else math.nan,
+        "top_trait": f.top_trait, "top_shift": f.top.value, "top_shift" + CI_LO: f.top.lower,
+        "top_shift" + CI_HI: f.top.upper, "random_hi": f.random_upper, "finding": f.found,
         "detected": f.detected} for f in found])
 
 
@@ -202,11 +212,12 @@ def random_pooled(table: pd.DataFrame, random_names: Sequence[str], n_resamples:
     for group, frame in chosen.groupby(keys, sort=True):
         estimate = mean_with_interval(frame["estimate_adjusted"].to_numpy(),
                                       n_resamples=n_resamples, seed=seed)
-        rows.append({**dict(zip(keys, group)), "estimate": estimate.value, "lo": estimate.lower,
-                     "hi": estimate.upper, "directions": estimate.n,
-                     "largest_hi": float(frame["hi_adjusted"].max()),
+        rows.append({**dict(zip(keys, group)), ESTIMATE: estimate.value,
+                     ESTIMATE_LO: estimate.lower, ESTIMATE_HI: estimate.upper,
+                     "directions": estimate.n,
+                     "largest_hi": float(frame["estimate_adjusted" + CI_HI].max()),
                      "largest_abs": float(frame["estimate_adjusted"].abs().max())})
-    return pd.DataFrame(rows, columns=[*keys, "estimate", "lo", "hi", "directions",
+    return pd.DataFrame(rows, columns=[*keys, ESTIMATE, ESTIMATE_LO, ESTIMATE_HI, "directions",
                                        "largest_hi", "largest_abs"])
 
 
@@ -221,7 +232,7 @@ LINEAR_STATS = ("mean", "trend")
 def outside_zero(pooled: pd.DataFrame) -> pd.DataFrame:
     """Rows of :func:`random_pooled` for a linear statistic whose interval excludes 0."""
     linear = pooled[pooled["stat"].isin(LINEAR_STATS)]
-    return linear[(linear["lo"] > 0) | (linear["hi"] < 0)]
+    return linear[(linear[ESTIMATE_LO] > 0) | (linear[ESTIMATE_HI] < 0)]
 
 
 def is_random(trait: str) -> bool:

@@ -41,9 +41,16 @@ from lmlab.errors import LmlabError
 from lmlab.hooks import check_layers
 from lmlab.identity import path_digest
 from lmlab.models import LoadedModel, load_model
+from lmlab.stats import CI_HI, CI_LO, N, with_interval
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 
 ARTIFACT_DIR = "diffing"
+#: What a condition's run shows in the runs table besides each trait's mean shift (with its
+#: interval) in the detection cell and the behaviour rates; every other statistic, layer
+#: and convention is in its condition_metrics table.
+SHOWN = ("replay/pairs_checked", "responses", "responses_empty", "tokens/organism_mean",
+         "tokens/clean_mean", "stop/organism_eos_share", "stop/clean_eos_share")
+SHOWN_STAT = "mean"
 # Plan estimates for the embedded model on a shared 2-core CPU (bench/bench_diffing.py):
 # greedy generation at batch 16 and a forward pass through every layer, in tokens/s.
 GENERATION_TOKENS_PER_S = 60.0
@@ -364,6 +371,22 @@ class DiffingFamily(Family):
         methods = {v.method for v in self._vectors} - set(self.settings.traits.methods)
         return [self.settings.analysis.detect_method, *sorted(methods)]
 
+    def logged_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """:data:`SHOWN`, the organism's and the clean model's behaviour rates, and every
+        trait's mean shift with its interval at the detection layer and convention."""
+        analysis_settings = self.settings.analysis
+        cell = (f"{analysis_settings.detect_convention}/{analysis_settings.unit}/"
+                f"L{self.settings.detect_layer}/")
+
+        def shown(name: str) -> bool:
+            if name.startswith(cell):
+                return name.rsplit("/", 1)[-1] in with_interval(SHOWN_STAT)
+            if name.startswith("behaviour/"):
+                return name.endswith(("_rate_organism", "_rate_clean"))
+            return name in SHOWN
+
+        return {name: value for name, value in metrics.items() if shown(name)}
+
     def _metrics(self, data: pipeline.ConditionData, shifts: pd.DataFrame) -> dict[str, float]:
         unit = self.settings.analysis.unit
         metrics: dict[str, float] = {"replay/pairs_checked": float(data.pairs_checked),
@@ -381,7 +404,8 @@ class DiffingFamily(Family):
                         & (~shifts["trait"].map(analysis.is_random) | (shifts["trait"] == RANDOM))]
         for row in chosen.itertuples():
             name = f"{row.convention}/{unit}/L{row.layer}/{row.trait}/{row.stat}"
-            metrics.update({name: row.estimate, f"{name}_lo": row.lo, f"{name}_hi": row.hi})
+            metrics.update({name: row.estimate, name + CI_LO: row.estimate_ci_lo,
+                            name + CI_HI: row.estimate_ci_hi})
         metrics.update(pipeline.behaviour_rates(data))
         return metrics
 
@@ -517,7 +541,7 @@ class DiffingFamily(Family):
 
     def _behaviour_table(self, summary: pd.DataFrame) -> pd.DataFrame | None:
         columns = [c for c in summary.columns if c.startswith("behaviour/")
-                   and not c.endswith(("_lo", "_hi", "_n"))]
+                   and not c.endswith((CI_LO, CI_HI, N))]
         if not columns:
             return None
         frame = summary.groupby("organism")[columns].mean().reset_index()

@@ -30,6 +30,7 @@ from lmlab.diffing.traits import TraitVector
 from lmlab.diffing.variants import Organism
 from lmlab.errors import LmlabError
 from lmlab.models import LoadedModel
+from lmlab.stats import CI_HI, CI_LO
 
 Column = tuple[str, str]  # (trait, method)
 
@@ -285,7 +286,8 @@ def trajectory_table(data: ConditionData, projector: Projector, unit: str, bins:
                 rows.append({"organism": data.organism.name, "prompt_set": data.prompt_set.name,
                              "layer": layer, "trait": trait, "method": method, "unit": unit,
                              "bin": b, "position": (b + 0.5) / bins, "mean": estimate.value,
-                             "lo": estimate.lower, "hi": estimate.upper, "n": estimate.n})
+                             "mean" + CI_LO: estimate.lower, "mean" + CI_HI: estimate.upper,
+                             "n": estimate.n})
     return pd.DataFrame(rows)
 
 

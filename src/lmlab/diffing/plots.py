@@ -9,13 +9,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lmlab.stats import CI_HI, CI_LO  # noqa: E402
+
 
 def shift_heatmap(table: pd.DataFrame, kind: str, title: str) -> plt.Figure:
     """Organism x trait grid of ``estimate_<kind>`` (kind: raw or adjusted), a diverging
     scale centred on 0; cells whose interval excludes 0 are marked with a star."""
     grid = table.pivot_table(index="organism", columns="trait", values=f"estimate_{kind}")
-    low = table.pivot_table(index="organism", columns="trait", values=f"lo_{kind}")
-    high = table.pivot_table(index="organism", columns="trait", values=f"hi_{kind}")
+    low = table.pivot_table(index="organism", columns="trait", values=f"estimate_{kind}{CI_LO}")
+    high = table.pivot_table(index="organism", columns="trait", values=f"estimate_{kind}{CI_HI}")
     values = grid.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     fig, ax = plt.subplots(figsize=(2.5 + 0.9 * grid.shape[1], 1.6 + 0.5 * grid.shape[0]))
@@ -42,7 +44,7 @@ def trajectories(rows: pd.DataFrame, organism: str, planted: str | None, unit: s
         bold = trait == planted
         line, = ax.plot(frame["position"], frame["mean"], marker="o", markersize=3,
                         linewidth=2.4 if bold else 1.0, label=str(trait) + (" (planted)" if bold else ""))
-        ax.fill_between(frame["position"], frame["lo"], frame["hi"], alpha=0.12,
+        ax.fill_between(frame["position"], frame["mean" + CI_LO], frame["mean" + CI_HI], alpha=0.12,
                         color=line.get_color())
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xlabel("relative position in the response (0 = first token, 1 = last)")

@@ -160,7 +160,7 @@ def _random_line(random: pd.DataFrame) -> str:
                 f"band); {band}.")
     return (f"- random control ({directions} directions): {len(outside)} pooled interval(s) "
             "exclude 0: " + "; ".join(f"{r.organism} {r.stat} ({_fmt(r.estimate)} "
-                                      f"[{_fmt(r.lo)}, {_fmt(r.hi)}])"
+                                      f"[{_fmt(r.estimate_ci_lo)}, {_fmt(r.estimate_ci_hi)}])"
                                       for r in outside.head(8).itertuples()) + f"; {band}.")
 
 

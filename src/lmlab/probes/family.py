@@ -33,6 +33,7 @@ from lmlab.probes.registry import (CHAMPION, artifact_name, existing_version, lo
                                    register_probe, registered_name, save_probe)
 from lmlab.probes.train import LayerResult, Probe, TrainConfig, build_layer_data, split_groups, \
     train_layer
+from lmlab.stats import CI_HI, CI_LO, current_names, with_interval
 from lmlab.sweeps.family import ConditionResult, Family, SweepContext, register
 
 GRID_KEYS = ("label", "layer", "lag")
@@ -45,10 +46,19 @@ LEAD_COLUMNS = ["label", "layer", "lag", "train_accuracy", "val_accuracy", "test
                 "token_test_f1", "persistence_test_auroc", "persistence_test_pr_auc",
                 "persistence_test_f1", "shuffled_test_auroc", "shuffled_test_pr_auc",
                 "shuffled_test_f1", "probe_minus_token_test_pr_auc",
-                "probe_minus_token_test_pr_auc_lo", "probe_minus_persistence_test_pr_auc",
-                "probe_minus_persistence_test_pr_auc_lo", "beats_baselines", "converged",
+                "probe_minus_token_test_pr_auc_ci_lo", "probe_minus_persistence_test_pr_auc",
+                "probe_minus_persistence_test_pr_auc_ci_lo", "beats_baselines", "converged",
                 "fits_unconverged", "chains_test", "problems_test"]
 PLOTTED = ("test_auroc", "test_pr_auc", "test_f1")
+#: What a probe's child run shows in the runs table: the probe's scores (test with their
+#: problem-bootstrap intervals), the baselines' and the control's test PR-AUC, the paired
+#: gains over the baselines, convergence and the test split's size. Every other metric
+#: (each split of each scorer, thresholds, fit diagnostics) is in its condition_metrics table.
+SHOWN = ("train_pr_auc", "val_pr_auc", *with_interval("test_pr_auc"), *with_interval("test_auroc"),
+         "test_f1", "token_test_pr_auc", "persistence_test_pr_auc", "shuffled_test_pr_auc",
+         *with_interval("probe_minus_token_test_pr_auc"),
+         *with_interval("probe_minus_persistence_test_pr_auc"), "beats_baselines", "converged",
+         "fits_unconverged", "n_test", "pos_ratio_test", "C")
 # Plan estimates. The plan is printed before the model loads, so they start from the
 # chain file's characters: 3.0 characters per token and 30 chat-template tokens per chain
 # (SmolLM2-135M's tokenizer on the bundled sample). Rates: the embedded model on a 2-core
@@ -235,6 +245,9 @@ class ProbesFamily(Family):
     def objectives(self) -> list[tuple[str, str]]:
         return [("val_pr_auc", "maximize")]
 
+    def logged_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {name: value for name, value in metrics.items() if name in SHOWN}
+
     # ------------------------------------------------------------------ work
     def prepare(self, ctx: SweepContext) -> None:
         self._prepare(ctx)
@@ -365,7 +378,9 @@ class ProbesFamily(Family):
         stored, tensors = ctx.cache.get_json("probes", key), ctx.cache.get_tensors("probes", key)
         if stored is None or tensors is None:
             return None
-        result = LayerResult(layer, label, {int(k): v for k, v in stored["metrics"].items()})
+        # Fits stored before intervals were named ``_ci_lo`` / ``_ci_hi`` read as current.
+        result = LayerResult(layer, label, {int(k): current_names(v)
+                                            for k, v in stored["metrics"].items()})
         for lag_text, scalars in stored["scalars"].items():
             lag = int(lag_text)
             result.probes[lag] = Probe(layer, lag, label, tensors[f"{lag}/weight"].numpy(),
@@ -502,9 +517,9 @@ BASELINES = ("token", "persistence")
 
 def _with_interval(row: Mapping[str, Any], column: str, name: str) -> dict[str, float]:
     out = {name: float(row[column])}
-    for end in ("lo", "hi"):
-        if f"{column}_{end}" in row and pd.notna(row[f"{column}_{end}"]):
-            out[f"{name}_{end}"] = float(row[f"{column}_{end}"])
+    for end in (CI_LO, CI_HI):
+        if column + end in row and pd.notna(row[column + end]):
+            out[name + end] = float(row[column + end])
     return out
 
 

@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lmlab.stats import CI_HI, CI_LO  # noqa: E402
+
 PANELS = (("", "probe"), ("token_", "token-identity baseline"),
           ("persistence_", "label-persistence baseline"), ("shuffled_", "shuffled-label control"))
 METRIC_TITLES = {"test_auroc": "test ROC-AUC", "test_pr_auc": "test PR-AUC", "test_f1": "test F1",
@@ -55,8 +57,8 @@ def lines(results: pd.DataFrame, metric: str, label: str) -> plt.Figure:
     colours = plt.cm.viridis(np.linspace(0, 0.9, results["layer"].nunique()))
     for colour, (layer, rows) in zip(colours, results.sort_values("lag").groupby("layer")):
         ax.plot(rows["lag"], rows[metric], marker="o", color=colour, label=f"layer {layer}")
-        if f"{metric}_lo" in rows:
-            ax.fill_between(rows["lag"], rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=colour,
+        if metric + CI_LO in rows:
+            ax.fill_between(rows["lag"], rows[metric + CI_LO], rows[metric + CI_HI], color=colour,
                             alpha=0.12)
     first = results[results["layer"] == results["layer"].min()].sort_values("lag")
     ax.plot(first["lag"], first[f"token_{metric}"], "k--", label="token-identity baseline")

@@ -28,7 +28,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from lmlab.errors import LmlabError
 from lmlab.probes.lbfgs import JointFit, fit_joint
-from lmlab.stats import CONFIDENCE, Estimate
+from lmlab.stats import CI_HI, CI_LO, CONFIDENCE, Estimate
 
 __all__ = ["JointFit", "fit_joint"]  # re-exported: the fitter lives in lmlab.probes.lbfgs
 
@@ -411,8 +411,8 @@ def _evaluate(name: str, scored: _Scored, ys: dict[int, np.ndarray], clusters: d
         draws = bootstrap_draws(ys[2], scored.scores[2], scored.threshold, clusters[2],
                                 config.bootstrap, config.seed)
         for metric, values in draws.items():
-            out[f"{prefix}test_{metric}_lo"], out[f"{prefix}test_{metric}_hi"] = \
-                percentile_interval(values)
+            name = f"{prefix}test_{metric}"
+            out[name + CI_LO], out[name + CI_HI] = percentile_interval(values)
     out[f"{prefix}threshold"] = scored.threshold
     if not math.isnan(scored.strength):
         out[f"{prefix}C"] = scored.strength
@@ -430,9 +430,9 @@ def _paired_gains(metrics: dict[str, float], draws: dict[str, dict[str, np.ndarr
             name = f"probe_minus_{baseline}_test_{metric}"
             out[name] = metrics[f"test_{metric}"] - metrics[f"{baseline}_test_{metric}"]
             if draws["probe"] is not None and draws[baseline] is not None:
-                out[f"{name}_lo"], out[f"{name}_hi"] = percentile_interval(
+                out[name + CI_LO], out[name + CI_HI] = percentile_interval(
                     draws["probe"][metric] - draws[baseline][metric])
-    lows = [out.get(f"probe_minus_{b}_test_pr_auc_lo", math.nan) for b in baselines]
+    lows = [out.get(f"probe_minus_{b}_test_pr_auc{CI_LO}", math.nan) for b in baselines]
     if lows and not any(math.isnan(low) for low in lows):
         out["beats_baselines"] = float(all(low > 0 for low in lows))
     return out

@@ -372,6 +372,9 @@ class SteeringFamily(Family):
     def summarize(self, ctx: SweepContext, summary: pd.DataFrame) -> ConditionResult:
         return summarize_sweep(summary)
 
+    def logged_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return shown_metrics(metrics)
+
     # ------------------------------------------------------------ one condition
     def direction_for(self, params: Mapping[str, Any]) -> dirs.Direction:
         return self.directions[(params["method"], params.get(CONTROL_FOR), int(params["layer"]))]
@@ -662,6 +665,28 @@ def judge_metrics(split: str, rows: list[dict[str, Any]], base: list[dict[str, A
     return out
 
 
+#: Per split, the metrics a child run shows in the runs table (``harm_test/refusal``, ...):
+#: the outcome shares (refusal with its interval), the paired refusal difference from the
+#: baseline with its interval and p-value, KL and fluency. The rest (every detector, its
+#: agreement, each n) is in the run's condition_metrics table.
+SHOWN_PER_SPLIT = (*stats.with_interval("refusal"), *(o for o in OUTCOMES if o != "refusal"),
+                   *stats.with_interval("refusal_diff"), "refusal_diff" + stats.P, "kl",
+                   "perplexity_median")
+SHOWN_PER_CONDITION = (*stats.with_interval("benign/cost"), "direction/relative_norm",
+                       "judge/cost_usd", "judge/calls")
+
+
+def shown_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The part of a condition's metrics its run shows (:data:`SHOWN_PER_SPLIT` for each
+    split, then :data:`SHOWN_PER_CONDITION`)."""
+    def shown(name: str) -> bool:
+        split, _, metric = name.partition("/")
+        return name in SHOWN_PER_CONDITION or (split in BUNDLED_SPLITS
+                                               and metric in SHOWN_PER_SPLIT)
+
+    return {name: value for name, value in metrics.items() if shown(name)}
+
+
 def judge_call_metrics(ledger: Ledger, reused_verdicts: int) -> dict[str, float]:
     """What this condition's judge calls cost; ``judge/cached``: verdicts read from the cache
     (for its own and its baseline's completions), which cost nothing."""
@@ -727,17 +752,6 @@ def summarize_sweep(summary: pd.DataFrame) -> ConditionResult:
 HELD_OUT_SPLITS = ("harm_test", "harm_val")
 
 
-def _estimate(row: Mapping[str, Any], name: str) -> stats.Estimate:
-    """A logged rate back from its flat metrics (NaN bounds where none were logged)."""
-    def value(key: str) -> float:
-        found = row.get(key)
-        return math.nan if found is None or pd.isna(found) else float(found)
-
-    n = value(f"{name}_n")
-    return stats.Estimate(value(name), value(f"{name}_lo"), value(f"{name}_hi"),
-                          0 if math.isnan(n) else int(n))
-
-
 def _control_of(frame: pd.DataFrame, row: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The random control run beside ``row``: same layer, intervention, scope, strength."""
     strength = STRENGTH[row["intervention"]]
@@ -753,7 +767,7 @@ def headline(frame: pd.DataFrame) -> tuple[dict[str, float], dict[str, str]]:
     """What the sweep found, for the parent's runs-table columns: the steered condition
     with the largest held-out refusal gain over its random control (Newcombe interval),
     its refusal rate and its benign cost (Wilson intervals)."""
-    split = next((s for s in HELD_OUT_SPLITS if f"{s}/refusal_lo" in frame), None)
+    split = next((s for s in HELD_OUT_SPLITS if f"{s}/refusal{stats.CI_LO}" in frame), None)
     if split is None or CONTROL_FOR not in frame:
         return {}, {}
     refusal = f"{split}/refusal"
@@ -763,16 +777,17 @@ def headline(frame: pd.DataFrame) -> tuple[dict[str, float], dict[str, str]]:
         control = _control_of(frame, row)
         if control is None or pd.isna(control.get(refusal)):
             continue
-        gain = stats.rate_difference(_estimate(row, refusal), _estimate(control, refusal))
+        gain = stats.rate_difference(stats.Estimate.from_dict(row, refusal),
+                                     stats.Estimate.from_dict(control, refusal))
         if best is None or gain.value > best[0].value:
             best = (gain, row)
     if best is None:
         return {}, {}
     gain, row = best
     out = {**gain.to_dict("headline/refusal_gain_vs_random"),
-           **_estimate(row, refusal).to_dict("headline/refusal")}
+           **stats.Estimate.from_dict(row, refusal).to_dict("headline/refusal")}
     if pd.notna(row.get("benign/cost")):
-        out.update(_estimate(row, "benign/cost").to_dict("headline/benign_cost"))
+        out.update(stats.Estimate.from_dict(row, "benign/cost").to_dict("headline/benign_cost"))
     out = {name: value for name, value in out.items() if not math.isnan(value)}
     strength = STRENGTH[row["intervention"]]
     described = (f"{row['method']} {row['intervention']} layer {row['layer']} "

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lmlab.stats import CI_HI, CI_LO  # noqa: E402
 from lmlab.steering.directions import CONTROL_METHOD as CONTROL  # noqa: E402
 from lmlab.steering.family import CONTROL_FOR, STRENGTH, direction_label  # noqa: E402
 
@@ -96,7 +97,7 @@ def refusal_vs_strength(summary: pd.DataFrame, splits: Iterable[str]) -> plt.Fig
                 label = f"{split} (random control)" if is_control else split
                 ax.plot(part[x], part[col], style, marker="o", color=colour, label=label)
                 if not is_control:
-                    ax.fill_between(part[x], part[f"{col}_lo"], part[f"{col}_hi"], color=colour,
+                    ax.fill_between(part[x], part[col + CI_LO], part[col + CI_HI], color=colour,
                                     alpha=0.15)
         for split in splits:
             base = _baseline_value(summary, f"{split}/refusal")

@@ -78,6 +78,14 @@ class Family(ABC):
         """Metric names and directions that Optuna records for each condition."""
         return []
 
+    def logged_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The part of a condition's metrics its child run shows as MLflow metrics (the
+        runs table's columns): what a reader compares conditions by. The runner adds the
+        objectives; when anything is left out, every metric goes to the run's
+        ``condition_metrics`` table, and reuse reads them all back from there
+        (:func:`lmlab.tracking.run_metrics`). Default: all."""
+        return dict(metrics)
+
     def search_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Turn one Optuna proposal into a full condition (adaptive sweeps)."""
         return dict(params)

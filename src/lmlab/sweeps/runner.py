@@ -1,13 +1,15 @@
 """Run a sweep: a parent MLflow run, an Optuna study, one child run per condition.
 
 Resume rules: a condition whose ``condition_key`` already has a FINISHED run is never
-computed again (its metrics are reused). Workers sharing a study claim each condition
-through the study's storage before computing it (:mod:`lmlab.sweeps.claims`), so every
-condition is computed by exactly one live worker; a condition held by a live worker is
-waited for, one whose worker died (pid on this host, Optuna heartbeat across hosts) is
-taken over and the dead worker's runs are closed FAILED. A condition that computed but
-is incomplete (e.g. API calls that failed) ends FAILED with its metrics, is retried by
-the next run, and makes the sweep exit non-zero.
+computed again; its metrics are reused, all of them (:func:`lmlab.tracking.run_metrics`
+reads a run's ``condition_metrics`` table where the run shows only the family's subset).
+Workers sharing a study claim each condition through the study's storage before computing
+it (:mod:`lmlab.sweeps.claims`), so every condition is computed by exactly one live
+worker; a condition held by a live worker is waited for, one whose worker died (pid on
+this host, Optuna heartbeat across hosts) is taken over and the dead worker's runs are
+closed FAILED. A condition that computed but is incomplete (e.g. API calls that failed)
+ends FAILED with its metrics, is retried by the next run, and makes the sweep exit
+non-zero.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from lmlab.cache import DiskCache
 from lmlab.errors import LmlabError
 from lmlab.identity import condition_identity, model_identity, path_digest
 from lmlab.runtime import apply_threads
+from lmlab.stats import CI_HI, CI_LO, N, P
 from lmlab.ui import runs_url, share_view, ui_command
 from lmlab.sweeps.claims import (TOKEN_TAG, Claim, Coordinator, HeartbeatSettings, StudyStorage,
                                  open_storage, worker_owner)
@@ -44,8 +47,8 @@ from lmlab.sweeps.throughput import (Measured, ThroughputLog, duration, machine_
                                      scaled_estimate)
 from lmlab.tracking import (FAILURE_TAG, FAMILY_TAG, KEY_TAG, OUTPUT_DIGESTS_TAG, PARENT_TAG,
                             Tracker, cache_dir, close_dead_runs, condition_key, ensure_store,
-                            finished_condition, first_line, host_name, mask_url, owner_is_dead,
-                            store_dir)
+                            finished_condition, finite_metrics, first_line, host_name, mask_url,
+                            owner_is_dead, run_metrics, store_dir)
 
 #: Seconds between looks at conditions other workers hold (``LMLAB_POLL_SECONDS``).
 WAIT_POLL_SECONDS = 5.0
@@ -155,6 +158,7 @@ class SweepRunner:
         self._throughput: ThroughputLog | None = None
         self._planned: dict[str, tuple[float, float]] = {}  # key -> (reference s, units) to run
         self._computed = 0  # conditions computed (not reused) by this sweep
+        self._read: dict[str, dict[str, float]] = {}  # run id -> its every metric, once read
 
     # ------------------------------------------------------------------ identity
     def _model_and_data(self) -> tuple[dict[str, Any], dict[str, str]]:
@@ -391,7 +395,8 @@ class SweepRunner:
         existing = self.finished(key, params)
         if existing is not None:  # finished between our first look and the claim
             self._record_reused_trial(claim, params, key, existing)
-            self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
+            self._add_row(params, key, existing.info.run_id, self._metrics_of(existing),
+                          reused=True)
             return True
         trial = coord.create_trial(_flat(params), self._fixed_distributions(params))
         with coord.beating(trial.number):
@@ -407,7 +412,7 @@ class SweepRunner:
         reason = str(trial.user_attrs[INCOMPLETE_ATTR])
         self.incomplete.append(self.family.run_name(params))
         run_id = str(trial.user_attrs.get(RUN_ID_ATTR, ""))
-        metrics = self.client.get_run(run_id).data.metrics if run_id else {}
+        metrics = self._metrics_of(self.client.get_run(run_id)) if run_id else {}
         self._add_row(params, key, run_id, metrics, reused=True, incomplete=reason)
         return True
 
@@ -423,7 +428,7 @@ class SweepRunner:
 
     def _reuse(self, params: Mapping[str, Any], key: str, run) -> None:  # type: ignore[no-untyped-def]
         self._adopt_if_orphaned(run)
-        self._add_row(params, key, run.info.run_id, run.data.metrics, reused=True)
+        self._add_row(params, key, run.info.run_id, self._metrics_of(run), reused=True)
         if self._has_trial(key):
             return
         claim = self.grid_coord.claim(key)
@@ -448,7 +453,7 @@ class SweepRunner:
         coord.attach(claim, trial.number)
         for name, value in {KEY_TAG: key, RUN_ID_ATTR: run.info.run_id, "lmlab.reused": True}.items():
             trial.set_user_attr(name, value)
-        self._tell(coord, trial.number, self._objective_values(coord, run.data.metrics))
+        self._tell(coord, trial.number, self._objective_values(coord, self._metrics_of(run)))
         self._trial_keys.add(key)
 
     # ------------------------------------------------------------------ search
@@ -525,9 +530,10 @@ class SweepRunner:
             while True:
                 existing = self.finished(key, params)
                 if existing is not None:
-                    self._add_row(params, key, existing.info.run_id, existing.data.metrics, reused=True)
+                    metrics = self._metrics_of(existing)
+                    self._add_row(params, key, existing.info.run_id, metrics, reused=True)
                     trial.set_user_attr(RUN_ID_ATTR, existing.info.run_id)
-                    values = self._objective_values(self.coord, existing.data.metrics)
+                    values = self._objective_values(self.coord, metrics)
                     return "complete" if self._tell(self.coord, trial.number, values) else "failed"
                 claim = self.coord.claim(key)
                 if claim is not None:
@@ -547,7 +553,7 @@ class SweepRunner:
         params = self.family.search_params(trial.params)
         run = self.finished(key, params) if key else None
         if run is not None:
-            self._add_row(params, key, run.info.run_id, run.data.metrics, reused=True)
+            self._add_row(params, key, run.info.run_id, self._metrics_of(run), reused=True)
 
     # ------------------------------------------------------------------ dead workers
     def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -653,13 +659,17 @@ class SweepRunner:
         try:
             with closed_on_failure(self.tracker, run_id, f"condition {name}"):
                 result = self.family.run_condition(self.ctx, params)
-                self._log_result(run_id, result)
+                self._log_result(run_id, result, self._shown_metrics(result.metrics))
         finally:
             self.ctx.run_id = None
         return result, run_id
 
-    def _log_result(self, run_id: str, result: ConditionResult) -> None:
-        self.tracker.log_metrics(run_id, result.metrics)
+    def _log_result(self, run_id: str, result: ConditionResult,
+                    shown: Mapping[str, float] | None = None) -> None:
+        """Log ``result`` on ``run_id``; with ``shown``, only those metrics as MLflow metrics
+        and every metric as the run's ``condition_metrics`` table."""
+        self.tracker.log_shown_metrics(run_id, result.metrics,
+                                       result.metrics if shown is None else shown)
         self.tracker.set_tags(run_id, result.tags)
         for name, frame in result.tables.items():
             self.tracker.log_table(run_id, frame, name)
@@ -667,6 +677,18 @@ class SweepRunner:
             self.tracker.log_figure(run_id, figure, name)
         for artifact_dir, path in result.files.items():
             self.tracker.log_file(run_id, path, artifact_dir or None)
+
+    def _shown_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The family's runs-table subset of a condition's metrics, and every objective."""
+        shown = self.family.logged_metrics(metrics)
+        objectives = [name for name, _ in self.family.objectives() if name in metrics]
+        return {**shown, **{name: metrics[name] for name in objectives}}
+
+    def _metrics_of(self, run) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        """Every metric of a finished condition's run (read once per sweep)."""
+        if run.info.run_id not in self._read:
+            self._read[run.info.run_id] = run_metrics(self.client, run)
+        return self._read[run.info.run_id]
 
     def _objective_values(self, coord: Coordinator, metrics: Mapping[str, float]) -> list[float] | None:
         """The study's values for a condition; None when one is missing or not finite.
@@ -685,6 +707,8 @@ class SweepRunner:
                  metrics: Mapping[str, float], reused: bool, incomplete: str | None = None) -> None:
         if any(row[KEY_TAG] == key for row in self.rows):
             return
+        # The metrics as a run holds them, in one order: a row is the same computed or reused.
+        metrics = dict(sorted(finite_metrics(metrics).items()))
         row = {**params, **metrics, KEY_TAG: key, "run_id": run_id, "reused": reused}
         if incomplete:
             row["incomplete"] = incomplete
@@ -699,7 +723,7 @@ class SweepRunner:
             self.tracker.log_table(parent, summary, "summary")
         self._log_result(parent, result)
         return [name for name in result.metrics if name.startswith(HEADLINE_PREFIX)
-                and not name.endswith(("_n", "_p"))]
+                and not name.endswith((N, P))]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -844,10 +868,10 @@ def run_sweep(spec: SweepSpec, experiment_name: str | None = None) -> SweepOutco
 def headline_columns(names: list[str]) -> list[str]:
     """The runs-table columns of a family's headline: every value, and the interval of the
     first (the sweep's main finding) beside it."""
-    values = [n for n in names if not n.endswith(("_lo", "_hi"))]
+    values = [n for n in names if not n.endswith((CI_LO, CI_HI))]
     if not values:
         return []
-    first = [f"{values[0]}{end}" for end in ("_lo", "_hi") if f"{values[0]}{end}" in names]
+    first = [values[0] + end for end in (CI_LO, CI_HI) if values[0] + end in names]
     return [values[0], *first, *values[1:]]
 
 
