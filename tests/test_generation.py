@@ -268,10 +268,13 @@ def test_row_chunks_stay_within_the_logits_budget_at_near_equal_sizes(monkeypatc
     assert sum(sizes) == 111 and max(sizes) <= 55 and max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("chat_template", [True, False])  # plain: nothing shared, "Hi" one column
 @pytest.mark.parametrize("positions", ["all", "prompt", "generation"])
 def test_a_batch_encoded_a_few_rows_at_a_time_gives_the_one_pass_results(any_lm: LoadedModel, positions: str,
+                                                                          chat_template: bool,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    prompts = [any_lm.format_chat(p) for p in PROMPTS + ["Hi", "Write one long sentence about rivers and the sea."]]
+    texts = PROMPTS + ["Hi", "Write one long sentence about rivers and the sea."]
+    prompts = [any_lm.format_chat(p) for p in texts] if chat_template else texts
     edits = moderate_edit(any_lm)
 
     def run() -> tuple[list, list]:

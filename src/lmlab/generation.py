@@ -202,20 +202,20 @@ ENCODE_BUCKET_ROWS = 8
 def _encode_in_buckets(lm: LoadedModel, rows: list[list[int]], shared: int, start: Any,
                        edits: Mapping[int, Edit] | None, positions: Positions) -> Any:
     """The cache of one batch (rows sorted longest first), encoded ``ENCODE_BUCKET_ROWS``
-    rows at a time and joined; one pass when the rows fit one bucket or the model's cache
-    has layers other than plain growing ones (sliding windows keep their own layout)."""
-    width = max(len(r) for r in rows)
-    if len(rows) <= ENCODE_BUCKET_ROWS:
-        return _encode_rest(lm, *_layout(lm, rows, shared), shared, start, edits, positions)
-    parts = []
-    for first in range(0, len(rows), ENCODE_BUCKET_ROWS):
-        bucket = rows[first:first + ENCODE_BUCKET_ROWS]
-        ids, mask = _layout(lm, bucket, shared)
-        parts.append((_encode_rest(lm, ids, mask, shared, start, edits, positions), ids.shape[1]))
-    if any(cache is None or not all(isinstance(layer, GrowingLayer) for layer in cache.layers)
-           for cache, _ in parts):
-        return _encode_rest(lm, *_layout(lm, rows, shared), shared, start, edits, positions)
-    return _joined_caches(parts, width, shared)
+    rows at a time and joined; one pass when the rows fit one bucket, or from the first
+    bucket whose cache cannot be joined: layers other than plain growing ones (sliding
+    windows keep their own layout), or no cache (one-column prompts, nothing shared)."""
+    if len(rows) > ENCODE_BUCKET_ROWS:
+        parts = []
+        for first in range(0, len(rows), ENCODE_BUCKET_ROWS):
+            ids, mask = _layout(lm, rows[first:first + ENCODE_BUCKET_ROWS], shared)
+            cache = _encode_rest(lm, ids, mask, shared, start, edits, positions)
+            if cache is None or not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
+                break
+            parts.append((cache, ids.shape[1]))
+        else:
+            return _joined_caches(parts, max(len(r) for r in rows), shared)
+    return _encode_rest(lm, *_layout(lm, rows, shared), shared, start, edits, positions)
 
 
 def _joined_caches(parts: list[tuple[Any, int]], width: int, shared: int) -> Any:

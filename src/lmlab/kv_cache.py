@@ -14,6 +14,7 @@ keep transformers' own behaviour.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -78,14 +79,8 @@ class GrowingLayer(DynamicLayer):
             if name in ("keys", "values") and isinstance(value, torch.Tensor):
                 copied.__dict__[name] = value.clone()
             else:
-                copied.__dict__[name] = _deepcopy(value, memo)
+                copied.__dict__[name] = copy.deepcopy(value, memo)
         return copied
-
-
-def _deepcopy(value: Any, memo: dict) -> Any:
-    import copy
-
-    return copy.deepcopy(value, memo)
 
 
 def growing(cache: Any) -> Any:
