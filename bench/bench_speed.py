@@ -110,29 +110,59 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
 
 
 def generation_figures(model: str, batches: list[int], new_tokens: int, limit: dict[str, Any] | None) -> dict[str, Any]:
-    from lmlab.generation import GenerationConfig, generate
+    """Greedy generation by batch size: new tokens/s end to end (prompt encoding included),
+    and over the decoding steps alone, with the columns the blocks actually computed."""
+    from lmlab.generation import GenerationConfig, encode_prompts, generate
 
     lm = load_lm(model)
     lm.model.generation_config.min_new_tokens = new_tokens  # every row runs the full length
     per_token = flops_per_token(lm.model.config)
     generate(lm, bench_prompts(lm, 2), GenerationConfig(max_new_tokens=2))  # warm-up
+    columns = ColumnCount(lm)
     rows = {}
     for size in batches:
         prompts = bench_prompts(lm, max(size, 8))
         prompt_tokens = sum(len(lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts)
         config = GenerationConfig(max_new_tokens=new_tokens, batch_size=size)
-        wall, cpu = timed(lambda: generate(lm, prompts, config))
+        columns.count = 0
+        encoded: list[Any] = []
+        encode_wall, _ = timed(lambda: encoded.append(encode_prompts(lm, prompts, batch_size=size)))
+        encoded_columns = columns.count
+        decode_wall, cpu = timed(lambda: generate(lm, encoded[0], config))
+        wall = encode_wall + decode_wall
         made = len(prompts) * new_tokens
         row = {"prompts": len(prompts), "new_tokens": made, "prompt_tokens": prompt_tokens,
-               "seconds": wall, "tokens_per_s": made / wall, "cpu_seconds": cpu, "load": load(),
-               "gflops": (made + prompt_tokens) * per_token / wall / 1e9}
+               "seconds": wall, "encode_seconds": encode_wall, "decode_seconds": decode_wall,
+               "tokens_per_s": made / wall, "decode_tokens_per_s": made / decode_wall,
+               "cpu_seconds": cpu, "load": load(), "prompt_columns_computed": encoded_columns,
+               "gflops": columns.count * per_token / wall / 1e9}
         if limit is not None:
             row["share_of_limit"] = row["tokens_per_s"] / limit["limit_tokens_per_s"]
+            row["decode_share_of_limit"] = row["decode_tokens_per_s"] / limit["limit_tokens_per_s"]
             row["flop_share_with_prompt"] = row["gflops"] / limit["matmul_fp32"]["gflops"]
         rows[str(size)] = row
-        print(f"  batch {size:3d}: {row['tokens_per_s']:7.1f} new tok/s  (load {row['load']})", flush=True)
+        print(f"  batch {size:3d}: {row['tokens_per_s']:7.1f} new tok/s, decoding alone "
+              f"{row['decode_tokens_per_s']:7.1f}  (load {row['load']})", flush=True)
+    columns.close()
     best = max(rows, key=lambda k: rows[k]["tokens_per_s"])
     return {"by_batch": rows, "best_batch": int(best), "threads": threads()}
+
+
+class ColumnCount:
+    """Token columns (rows x positions) the first decoder block computes."""
+
+    def __init__(self, lm: Any) -> None:
+        from lmlab.hooks import decoder_layers
+
+        self.count = 0
+        self.handle = decoder_layers(lm.model)[0].register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        states = kwargs.get("hidden_states", args[0] if args else None)
+        self.count += int(states.shape[0] * states.shape[1])
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 def threads() -> int:
@@ -398,10 +428,11 @@ def markdown(figures: dict[str, Any]) -> str:
                   f"- {lim['gflop_per_token']:.3f} GFLOP per token; limit "
                   f"{lim['limit_tokens_per_s']:.0f} tokens/s", ""]
     if "generation" in figures:
-        lines += ["| batch | new tok/s | share of limit | FLOP share incl. prompt | load |",
-                  "|---|---|---|---|---|"]
+        lines += ["| batch | new tok/s | share of limit | decoding alone: new tok/s, share | FLOP share, columns computed | load |",
+                  "|---|---|---|---|---|---|"]
         for size, row in figures["generation"]["by_batch"].items():
             lines.append(f"| {size} | {row['tokens_per_s']:.1f} | {row.get('share_of_limit', float('nan')):.1%} "
+                         f"| {row['decode_tokens_per_s']:.1f}, {row.get('decode_share_of_limit', float('nan')):.1%} "
                          f"| {row.get('flop_share_with_prompt', float('nan')):.1%} | {row['load']} |")
         lines.append(f"\nbest batch: {figures['generation']['best_batch']}\n")
     if "options" in figures:
